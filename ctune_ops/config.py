@@ -1,0 +1,323 @@
+"""The one typed configuration of a ctune workspace, loaded from its ``params.yaml``.
+
+Every threshold, size and switch of the pipeline lives here, so that DVC can track it as a parameter and a user
+can see and change it in one place. Loading is strict: an unknown key, a wrong type or a missing required value
+fails with a :class:`ConfigError` that names the file, the line, the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import string
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+PARAMS_FILE = "params.yaml"
+
+
+class _ParamsLoader(yaml.SafeLoader):
+    """Safe YAML loading that keeps dates as the strings the user wrote (``2026-01-05`` stays text)."""
+
+
+_ParamsLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def read_yaml(text: str) -> Any:
+    """Parse params YAML the way :func:`load_config` does."""
+    return yaml.load(text, Loader=_ParamsLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+class ConfigError(ValueError):
+    """A params file that cannot be turned into a :class:`CtuneConfig`; the message says where and why."""
+
+
+def _check_iso_date(value: str) -> str:
+    try:
+        dt.date.fromisoformat(value)
+    except ValueError:
+        raise ValueError("expected a calendar date written YYYY-MM-DD") from None
+    return value
+
+
+class _Strict(BaseModel):
+    """Base of every section: unknown keys are errors, values are not coerced across types."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class BatchConfig(_Strict):
+    """The batch a DVC stage works on; ``ctune stage`` and the Airflow operators set it per run."""
+
+    date: str | None = Field(default=None, description="batch date, YYYY-MM-DD")
+
+    @field_validator("date")
+    @classmethod
+    def _iso_date(cls, value: str | None) -> str | None:
+        return None if value is None else _check_iso_date(value)
+
+
+class WorkspaceConfig(_Strict):
+    """Where versions are pushed and who commits them."""
+
+    dvc_remote_name: str = "local"
+    dvc_remote_url: str = Field(
+        default="dvc-remote",
+        description="DVC remote; a relative path is taken relative to the workspace (a local remote inside it)",
+    )
+    git_user_name: str = "ctune"
+    git_user_email: str = "ctune@localhost"
+
+
+def _placeholders(template: str) -> set[str]:
+    return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+
+
+class PromptConfig(_Strict):
+    """How an instruction record becomes the text a causal LM sees; the response follows the prompt directly."""
+
+    with_input: str = "### Instruction:\n{instruction}\n### Input:\n{input}\n### Response:\n"
+    without_input: str = "### Instruction:\n{instruction}\n### Response:\n"
+
+    @model_validator(mode="after")
+    def _fields(self) -> PromptConfig:
+        if _placeholders(self.with_input) != {"instruction", "input"}:
+            raise ValueError("with_input must use exactly the placeholders {instruction} and {input}")
+        if _placeholders(self.without_input) != {"instruction"}:
+            raise ValueError("without_input must use exactly the placeholder {instruction}")
+        return self
+
+    def render(self, instruction: str, input_text: str = "") -> str:
+        """The prompt for one record (everything before the response)."""
+        if input_text:
+            return self.with_input.format(instruction=instruction, input=input_text)
+        return self.without_input.format(instruction=instruction)
+
+
+class ModelsConfig(_Strict):
+    """The deployed model's base and the proxy's base: local paths (relative to the workspace) or hub ids."""
+
+    base: str = "models/base"
+    proxy_base: str = "models/proxy_base"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_length: int = Field(default=256, gt=8)
+    prompt: PromptConfig = PromptConfig()
+
+
+class WorldMix(_Strict):
+    """Shares of a day's raw rows by ground-truth kind. Fixed by issue 2: benchmarks measure against it."""
+
+    new: float = Field(default=0.20, ge=0, le=1)
+    known: float = Field(default=0.30, ge=0, le=1)
+    earlier: float = Field(default=0.20, ge=0, le=1)
+    duplicate: float = Field(default=0.15, ge=0, le=1)
+    malformed: float = Field(default=0.10, ge=0, le=1)
+    phi: float = Field(default=0.05, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> WorldMix:
+        total = sum(self.model_dump().values())
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"the shares must add up to 1.0, they add up to {total:.4f}")
+        return self
+
+
+class TemplateSplit(_Strict):
+    """How many wordings of a relation's family one fact uses for each purpose; the three sets never overlap."""
+
+    train: int = Field(gt=0)
+    reappear: int = Field(gt=0)
+    eval: int = Field(gt=0)
+
+
+class AnswerSplit(_Strict):
+    """Answer wordings per fact: ``train`` for its training rows (and, with new questions, its reappearances) and
+    ``eval`` held out for its eval items. Answers carry the fact, so more training answers mean a model that can
+    state the fact in the held-out wordings too."""
+
+    train: int = Field(gt=0)
+    eval: int = Field(gt=0)
+
+
+class SpecialtySchedule(_Strict):
+    """Which specialties produce new facts when: ``initial`` from day 1, then one more every ``new_every_days``."""
+
+    count: int = Field(default=8, ge=2)
+    initial: int = Field(default=5, ge=1)
+    new_every_days: int = Field(default=2, ge=1)
+
+    @model_validator(mode="after")
+    def _initial_le_count(self) -> SpecialtySchedule:
+        if self.initial > self.count:
+            raise ValueError(f"initial ({self.initial}) cannot exceed count ({self.count})")
+        return self
+
+
+class EntityCounts(_Strict):
+    """Entities per specialty (drugs, conditions, symptoms, tests) and global pools (drug classes, doses)."""
+
+    drugs: int = Field(default=7, ge=4)
+    conditions: int = Field(default=6, ge=4)
+    symptoms: int = Field(default=6, ge=4)
+    tests: int = Field(default=4, ge=4)
+    drug_classes: int = Field(default=12, ge=4)
+    doses: int = Field(default=16, ge=4)
+
+
+class WorldConfig(_Strict):
+    """The demo world: a fictional medical knowledge base and a daily stream of rows with hidden ground truth."""
+
+    seed: int = 0
+    start_date: str = "2026-01-01"
+    rows_per_day: int = Field(default=200, ge=20)
+    files_per_day: int = Field(default=3, ge=1)
+    mix: WorldMix = WorldMix()
+    known_facts: int = Field(default=150, ge=8, description="facts the base model is pretrained on (day 0)")
+    rows_per_new_fact: int = Field(default=4, ge=1, description="rows introducing one new fact on its day")
+    questions: TemplateSplit = TemplateSplit(train=4, reappear=3, eval=3)
+    answers: AnswerSplit = AnswerSplit(train=4, eval=2)
+    eval_items_per_fact: int = Field(default=2, ge=1)
+    specialties: SpecialtySchedule = SpecialtySchedule()
+    entities: EntityCounts = EntityCounts()
+    overlong_chars: int = Field(default=20_000, gt=0, description="length of the injected overlong rows")
+
+    @field_validator("start_date")
+    @classmethod
+    def _iso_date(cls, value: str) -> str:
+        return _check_iso_date(value)
+
+    @model_validator(mode="after")
+    def _eval_items_fit(self) -> WorldConfig:
+        from ctune_ops.world.templates import ANSWER_FAMILY, QUESTION_FAMILY
+
+        q, a = self.questions, self.answers
+        if q.train + q.reappear + q.eval > QUESTION_FAMILY:
+            raise ValueError(f"questions use {q.train + q.reappear + q.eval} wordings; a family has {QUESTION_FAMILY}")
+        if a.train + a.eval > ANSWER_FAMILY:
+            raise ValueError(f"answers use {a.train + a.eval} wordings; a family has {ANSWER_FAMILY}")
+        if self.eval_items_per_fact > self.questions.eval * self.answers.eval:
+            raise ValueError(
+                f"eval_items_per_fact ({self.eval_items_per_fact}) exceeds the distinct eval wordings "
+                f"(questions.eval x answers.eval = {self.questions.eval * self.answers.eval})"
+            )
+        return self
+
+    def day_dates(self, days: int) -> list[str]:
+        """ISO dates of stream days 1..days."""
+        start = dt.date.fromisoformat(self.start_date)
+        return [(start + dt.timedelta(days=i)).isoformat() for i in range(days)]
+
+
+class TinyModelConfig(_Strict):
+    """A Llama-style model pretrained from scratch on the day-0 corpus, and how long to train it."""
+
+    hidden_size: int = Field(gt=0)
+    num_layers: int = Field(gt=0)
+    num_heads: int = Field(gt=0)
+    intermediate_size: int = Field(gt=0)
+    epochs: float = Field(gt=0)
+    learning_rate: float = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    block_size: int = Field(default=128, gt=8)
+    warmup_fraction: float = Field(default=0.05, ge=0, lt=1)
+    weight_decay: float = Field(default=0.01, ge=0)
+    tie_embeddings: bool = False
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> TinyModelConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+        return self
+
+
+class BootstrapConfig(_Strict):
+    """Tokenizer and tiny models for the demo world (``ctune world bootstrap``)."""
+
+    vocab_size: int = Field(default=4096, ge=300)
+    seed: int = 0
+    threads: int = Field(default=0, ge=0, description="torch threads; 0 = all cores")
+    base: TinyModelConfig = TinyModelConfig(
+        hidden_size=256, num_layers=5, num_heads=4, intermediate_size=704,
+        epochs=24, learning_rate=3e-3, batch_size=16,
+    )
+    proxy: TinyModelConfig = TinyModelConfig(
+        hidden_size=128, num_layers=4, num_heads=4, intermediate_size=352,
+        epochs=24, learning_rate=4e-3, batch_size=16, tie_embeddings=True,
+    )
+
+
+class CtuneConfig(_Strict):
+    """Everything a workspace's ``params.yaml`` may say."""
+
+    batch: BatchConfig = BatchConfig()
+    workspace: WorkspaceConfig = WorkspaceConfig()
+    models: ModelsConfig = ModelsConfig()
+    world: WorldConfig = WorldConfig()
+    bootstrap: BootstrapConfig = BootstrapConfig()
+
+
+def _key_line(root: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    """1-based line of the deepest node of ``loc`` found in the composed YAML tree."""
+    node, line = root, None
+    for part in loc:
+        if not isinstance(node, yaml.MappingNode):
+            break
+        for key_node, value_node in node.value:
+            if key_node.value == str(part):
+                node, line = value_node, key_node.start_mark.line + 1
+                break
+        else:
+            break
+    return line
+
+
+def _describe(error: dict[str, Any]) -> str:
+    kind, msg = error["type"], error["msg"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required value is missing"
+    got = error.get("input")
+    msg = msg.removeprefix("Value error, ")
+    if isinstance(got, dict):
+        return msg
+    return f"{msg[0].lower()}{msg[1:]}, got {got!r}"
+
+
+def parse_config(data: Any, source: str = PARAMS_FILE, text: str | None = None) -> CtuneConfig:
+    """Validate already-parsed YAML data; ``text`` (the YAML source) lets errors name lines."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    try:
+        return CtuneConfig.model_validate(data)
+    except ValidationError as exc:
+        root = yaml.compose(text) if text is not None else None
+        lines = []
+        for error in exc.errors():
+            loc = tuple(p for p in error["loc"] if not str(p).startswith("function-after"))
+            key = ".".join(str(p) for p in loc) or "(top level)"
+            line = _key_line(root, loc)
+            where = f"{source}:{line}" if line else source
+            lines.append(f"{where}: key '{key}': {_describe(error)}")
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(path: str | Path) -> CtuneConfig:
+    """Load and validate a params file; any problem raises :class:`ConfigError` naming file, line and key."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such params file (is this a ctune workspace? run `ctune init`)") from None
+    try:
+        data = read_yaml(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_config(data, source=str(path), text=text)

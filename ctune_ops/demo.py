@@ -1,0 +1,69 @@
+"""The main job (``make demo``): a workspace with the demo world, the tiny models, and what can be run on them.
+
+Until the daily DAG exists, the demo runs the parts that do: it creates (or reuses) the workspace, generates the
+world, bootstraps the models and measures the base model with lm-eval on retention and on every day's new facts,
+which is the baseline every later day of continual learning is measured against.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from ctune_ops import lmeval
+from ctune_ops.workspace import Workspace, init_workspace
+from ctune_ops.world import evalsets
+from ctune_ops.world.generate import generate_world
+from ctune_ops.world.measure import world_task_files
+
+
+def _bootstrapped(ws: Workspace) -> bool:
+    return (ws.root / "reports" / "bootstrap.json").exists() and all(
+        (ws.root / f"{path}.dvc").exists() for path in (ws.config.models.base, ws.config.models.proxy_base)
+    )
+
+
+def run_demo(directory: Path, days: int, seed: int | None = None) -> int:
+    """Run the demo into ``directory``; prints a summary and returns the process exit code."""
+    started = time.perf_counter()
+    result = init_workspace(directory)
+    print(result.message)
+    ws = result.workspace
+    generated = generate_world(ws, days=days, seed=seed)
+    print(f"\nworld: {len(generated.dates)} days ({generated.dates[0]} .. {generated.dates[-1]})")
+    print(f"{'date':<12}" + "".join(f"{kind:>11}" for kind in ("new", "known", "earlier", "duplicate",
+                                                              "malformed", "phi")))
+    for date, counts in generated.counts.items():
+        print(f"{date:<12}" + "".join(f"{counts.get(kind, 0):>11}" for kind in
+                                      ("new", "known", "earlier", "duplicate", "malformed", "phi")))
+
+    if _bootstrapped(ws):
+        print("\nmodels: already bootstrapped (reports/bootstrap.json)")
+    else:
+        from ctune_ops.world.bootstrap import bootstrap_models
+
+        print("\nbootstrapping the tokenizer, base and proxy models on day 0 ...")
+        bootstrap_models(ws, progress=lambda msg: print("  " + msg))
+    report = json.loads((ws.root / "reports" / "bootstrap.json").read_text(encoding="utf-8"))
+    for name in ("base", "proxy"):
+        r = report[name]
+        print(f"  {name}: {r['parameters'] / 1e6:.2f}M parameters, {r['steps']} steps, "
+              f"loss {r['first_loss']:.2f} -> {r['final_loss']:.2f}, {r['wall_s']}s")
+
+    print("\nbase model on the eval tasks (lm-eval, acc):")
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=ws.model_path(ws.config.models.base), device=lmeval.resolve_device(ws.config.models.device),
+              dtype="float32", batch_size=lmeval.DEFAULT_BATCH_SIZE)
+    retention_file = world_task_files(ws, generated.dates[0])[0]
+    scores = lmeval.evaluate(lm, [retention_file], cache_dir=ws.root / ".lmeval-cache")
+    print(f"  {evalsets.RETENTION_TASK:<28}{scores[evalsets.RETENTION_TASK]['acc']:.3f}"
+          f"  (n={scores[evalsets.RETENTION_TASK]['n']}; facts the base was pretrained on)")
+    for date in generated.dates:
+        new_file = world_task_files(ws, date)[2]
+        s = lmeval.evaluate(lm, [new_file], cache_dir=ws.root / ".lmeval-cache")[evalsets.NEW_TASK]
+        print(f"  {evalsets.NEW_TASK + ' ' + date:<28}{s['acc']:.3f}  (n={s['n']}; not trained yet, chance 0.25)")
+    print("\nthe daily pipeline stages are not implemented yet; see the open issues")
+    print(f"demo finished in {time.perf_counter() - started:.0f}s; workspace: {ws.root}")
+    return 0

@@ -1,0 +1,73 @@
+"""Running lm-eval 0.4 on local multiple-choice tasks, offline, on an explicit device.
+
+Why a wrapper: lm-eval's defaults are wrong for this use (device "cuda", 14k built-in tasks indexed in ~14 s,
+per-sample logs kept, hub look-ups that hang without a network). Task YAMLs hold absolute ``data_files`` for the
+lm-eval CLI; when a workspace has moved (a clone, a container mount), the JSONL beside the YAML is used instead.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+METRICS = ("acc", "acc_norm")
+DEFAULT_BATCH_SIZE = 32
+
+
+def load_task(path: Path) -> dict[str, Any]:
+    """A task YAML as a config dict whose data files exist (re-pointed beside the YAML if it moved)."""
+    config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    files = config.get("dataset_kwargs", {}).get("data_files", {})
+    for split, location in list(files.items()):
+        if not Path(location).exists() and (path.parent / Path(location).name).exists():
+            files[split] = str((path.parent / Path(location).name).resolve())
+    return config
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` becomes ``cuda`` when a GPU is usable, else ``cpu``."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def evaluate(
+    model: str | Any,
+    task_files: list[Path],
+    *,
+    peft: str | None = None,
+    device: str = "auto",
+    limit: int | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    cache_dir: Path | None = None,
+) -> dict[str, dict[str, float]]:
+    """Score ``model`` (a folder, or an already built ``HFLM``) on the tasks; returns per task acc, acc_norm, n."""
+    os.environ.update(OFFLINE_ENV)
+    if cache_dir is not None:
+        os.environ.setdefault("HF_DATASETS_CACHE", str(cache_dir))
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    configs = [load_task(Path(p)) for p in task_files]
+    manager = TaskManager(include_path=sorted({str(Path(p).parent) for p in task_files}), include_defaults=False)
+    lm = model if not isinstance(model, str) else HFLM(
+        pretrained=model, peft=peft, device=resolve_device(device), dtype="float32", batch_size=batch_size
+    )
+    results = lm_eval.simple_evaluate(
+        model=lm, tasks=configs, task_manager=manager, limit=limit,
+        bootstrap_iters=0, log_samples=False, num_fewshot=0,
+    )
+    scores = {}
+    for config in configs:
+        name = config["task"]
+        row = results["results"][name]
+        scores[name] = {metric: float(row[f"{metric},none"]) for metric in METRICS}
+        scores[name]["n"] = int(results["n-samples"][name]["effective"])
+    return scores

@@ -1,0 +1,41 @@
+"""Measuring a model against the demo world's eval tasks (``ctune world evaluate``)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ctune_ops import lmeval
+from ctune_ops.workspace import Workspace, WorkspaceError
+from ctune_ops.world import evalsets
+from ctune_ops.world.generate import MANIFEST
+
+
+def world_task_files(ws: Workspace, date: str | None = None) -> list:
+    """Retention plus day ``date``'s target and new-fact tasks (default: the last generated day)."""
+    manifest_path = ws.world_dir / MANIFEST
+    if not manifest_path.exists():
+        raise WorkspaceError(f"{manifest_path} is missing: run `ctune world generate` first")
+    dates = json.loads(manifest_path.read_text(encoding="utf-8"))["dates"]
+    date = date or dates[-1]
+    if date not in dates:
+        raise WorkspaceError(f"no eval tasks for {date}; the world has days {dates[0]} .. {dates[-1]}")
+    day = evalsets.day_dir(ws.eval_dir, date)
+    return [
+        evalsets.retention_dir(ws.eval_dir) / f"{evalsets.RETENTION_TASK}.yaml",
+        day / f"{evalsets.TARGET_TASK}.yaml",
+        day / f"{evalsets.NEW_TASK}.yaml",
+    ]
+
+
+def evaluate_world_model(
+    ws: Workspace, model: str = "base", date: str | None = None, limit: int | None = None
+) -> dict[str, Any]:
+    """lm-eval scores of ``model`` (``base``, ``proxy`` or a folder) on retention and day ``date``'s targets."""
+    models = ws.config.models
+    location = {"base": models.base, "proxy": models.proxy_base}.get(model, model)
+    path = ws.model_path(location)
+    return lmeval.evaluate(
+        path, world_task_files(ws, date), device=models.device, limit=limit,
+        cache_dir=ws.root / ".lmeval-cache",
+    )

@@ -1,0 +1,63 @@
+"""The Airflow face of the package: entry points, provider info, plugin, batch-date rule, import cost."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+
+from ctune_ops.airflow.dates import BatchDateError, batch_date, context_batch_date
+
+HEAVY = ("torch", "transformers", "peft", "great_expectations", "lm_eval")
+
+
+def test_entry_points_are_registered() -> None:
+    providers = {(ep.name, ep.value) for ep in entry_points(group="apache_airflow_provider")}
+    plugins = {(ep.name, ep.value) for ep in entry_points(group="airflow.plugins")}
+    assert ("provider_info", "ctune_ops.airflow.provider_info:get_provider_info") in providers
+    assert ("ctune", "ctune_ops.airflow.plugin:CtunePlugin") in plugins
+    scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts")}
+    assert scripts.get("ctune") == "ctune_ops.cli:main"
+
+
+def test_provider_info_is_valid_for_airflow() -> None:
+    import airflow
+    import jsonschema
+
+    from ctune_ops.airflow.provider_info import get_provider_info
+
+    schema = json.loads((Path(airflow.__file__).parent / "provider_info.schema.json").read_text())
+    jsonschema.validate(get_provider_info(), schema)
+    assert get_provider_info()["plugins"][0]["plugin-class"] == "ctune_ops.airflow.plugin.CtunePlugin"
+
+
+def test_plugin_class() -> None:
+    from ctune_ops.airflow.plugin import CtunePlugin
+
+    assert CtunePlugin.name == "ctune"
+    assert batch_date in CtunePlugin.macros
+
+
+def test_batch_date_rule() -> None:
+    start = dt.datetime(2026, 1, 3, tzinfo=dt.UTC)
+    assert batch_date({}, start) == "2026-01-03"
+    assert batch_date({"date": "2026-02-01"}, start) == "2026-02-01"
+    assert context_batch_date({"params": {"date": None}, "data_interval_start": start}) == "2026-01-03"
+    with pytest.raises(BatchDateError, match="no data interval"):
+        batch_date({}, None)
+    with pytest.raises(BatchDateError, match="YYYY-MM-DD"):
+        batch_date({"date": "3 Jan"}, None)
+
+
+def test_airflow_modules_import_no_heavy_libraries() -> None:
+    code = (
+        "import sys, ctune_ops.airflow.plugin, ctune_ops.airflow.provider_info, ctune_ops.cli, ctune_ops.config;"
+        f"print([m for m in {HEAVY!r} if m in sys.modules])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
