@@ -61,3 +61,18 @@ def test_airflow_modules_import_no_heavy_libraries() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_airflow_loads_plugin_and_provider(tmp_path: Path) -> None:
+    import os
+
+    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path), "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}
+    airflow = str(Path(sys.executable).parent / "airflow")
+    plugins = subprocess.run([airflow, "plugins", "-o", "json"], env=env, capture_output=True, text=True, check=True)
+    listed = {p["name"]: p for p in json.loads(plugins.stdout)}
+    assert "ctune_ops.airflow.dates.batch_date" in listed["ctune"]["macros"]
+    assert "ctune_ops.airflow.plugin:CtunePlugin" in listed["ctune"]["source"]
+    provider = subprocess.run(
+        [airflow, "providers", "get", "ctune", "-o", "json"], env=env, capture_output=True, text=True, check=True
+    )
+    assert json.loads(provider.stdout)[0]["Provider"] == "ctune"

@@ -1,8 +1,8 @@
 """Multiple-choice eval items for the demo world's facts, written as lm-eval 0.4 task YAMLs with their JSONL.
 
 An item is the prompt of one of the fact's held-out question wordings followed by the prefix of a held-out answer
-wording; the four choices are the true object and three distractors of the same type, pool and familiarity that are
-not linked to the subject by any fact. lm-eval scores the log-likelihood of each choice as the continuation.
+wording; the four choices are the true object and three distractors of the same type and familiarity that are not
+linked to the subject by any fact (see :func:`distractors`). lm-eval scores the log-likelihood of each choice as the continuation.
 
 Tasks: ``ctune_retention`` (facts the base knows), ``ctune_target`` (facts introduced up to day D) and
 ``ctune_new`` (facts introduced on day D).
@@ -29,15 +29,31 @@ NEW_TASK = "ctune_new"
 
 
 def distractors(kb: KnowledgeBase, fact: Fact, rng: random.Random) -> list[str]:
-    """Three wrong objects of the fact's type and pool, closest in familiarity to the answer."""
+    """Three wrong objects of the fact's type, as familiar as the answer.
+
+    Familiarity is first how often an object answers *this relation* in the day-0 corpus, then how often it is
+    mentioned at all: a model that has seen an object as the answer to "what does X treat?" prefers it for any
+    drug, so a new fact's answer (usually never a day-0 answer of its relation) must not stand among distractors
+    that were, or the item would be harder than chance for a model that knows nothing about the fact. Objects of
+    the fact's own specialty come first; others of the same type fill in when too few match in familiarity.
+    """
     relation = RELATIONS_BY_NAME[fact.relation]
     excluded = kb.linked(fact.subject) | {fact.object}
-    pool = [name for name in kb.pool(relation, fact.specialty) if name not in excluded]
+    own = set(kb.pool(relation, fact.specialty))
+    pool = [e.name for e in kb.entities.values() if e.type == relation.object_type and e.name not in excluded]
     if len(pool) < CHOICES - 1:
         raise ValueError(f"fact {fact.id}: only {len(pool)} possible distractors; raise world.entities")
-    target = kb.familiarity.get(fact.object, 0)
+
+    def distance(name: str) -> tuple[int, int, int]:
+        return (
+            abs(kb.relation_familiarity.get((fact.relation, name), 0)
+                - kb.relation_familiarity.get((fact.relation, fact.object), 0)),
+            name not in own,
+            abs(kb.familiarity.get(name, 0) - kb.familiarity.get(fact.object, 0)),
+        )
+
     rng.shuffle(pool)
-    pool.sort(key=lambda name: abs(kb.familiarity.get(name, 0) - target))
+    pool.sort(key=distance)
     return pool[: CHOICES - 1]
 
 

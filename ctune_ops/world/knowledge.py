@@ -64,6 +64,7 @@ class KnowledgeBase:
     entities: dict[str, Entity]
     facts: dict[str, Fact]  # insertion order: known facts, then the queue of new facts
     familiarity: dict[str, int]  # known facts mentioning each entity
+    relation_familiarity: dict[tuple[str, str], int]  # (relation, object) -> known facts with that object
 
     @property
     def known(self) -> list[Fact]:
@@ -224,12 +225,14 @@ def build_knowledge(world: WorldConfig) -> KnowledgeBase:
             answers=_rotation(ANSWER_FAMILY, world.answers.train, k, a_order),
         )
         facts[fact.id] = fact
-    familiarity = Counter()
+    familiarity: Counter[str] = Counter()
+    relation_familiarity: Counter[tuple[str, str]] = Counter()
     for fact in facts.values():
         if fact.known:
             familiarity[fact.subject] += 1
             familiarity[fact.object] += 1
-    return KnowledgeBase(specialties, entities, facts, dict(familiarity))
+            relation_familiarity[(fact.relation, fact.object)] += 1
+    return KnowledgeBase(specialties, entities, facts, dict(familiarity), dict(relation_familiarity))
 
 
 def render(fact: Fact, question: int, answer: int) -> dict[str, str]:
