@@ -2,7 +2,8 @@
 
 An item is the prompt of one of the fact's held-out question wordings followed by the prefix of a held-out answer
 wording; the four choices are the true object and three distractors of the same type and familiarity that are not
-linked to the subject by any fact (see :func:`distractors`). lm-eval scores the log-likelihood of each choice as the continuation.
+linked to the subject by any fact (see :func:`distractors`). lm-eval scores the log-likelihood of each choice
+as the continuation.
 
 Tasks: ``ctune_retention`` (facts the base knows), ``ctune_target`` (facts introduced up to day D) and
 ``ctune_new`` (facts introduced on day D).

@@ -150,9 +150,14 @@ class StreamGenerator:
             for j in range(self.world.rows_per_new_fact):
                 q, a = questions[j % len(questions)], answers[j % len(answers)]
                 entries.append(self._clean(rng, date, "new", fact, q, a))
-            reappear_q, reappear_a = fact.wordings("reappear", self.world)
-            self.state.earlier_pool += [(fact, q, a) for q in reappear_q for a in reappear_a]
         return entries, [f.id for f in chosen]
+
+    def _release(self, fact_ids: list[str]) -> None:
+        """Make today's new facts available as earlier-day facts from tomorrow on."""
+        for fact_id in fact_ids:
+            fact = self.kb.facts[fact_id]
+            questions, answers = fact.wordings("reappear", self.world)
+            self.state.earlier_pool += [(fact, q, a) for q in questions for a in answers]
 
     def _known_rows(self, rng: random.Random, date: str, count: int) -> list[Entry]:
         pool, start = self.state.known_rows, self.state.known_cursor
@@ -252,6 +257,7 @@ class StreamGenerator:
                 entry.truth["duplicate_of"] = entry.original.id
         files, truth = self._write_files(entries, date)
         self.state.history += clean
+        self._release(new_ids)
         return DayBatch(date, self.day, files, truth, new_ids)
 
     def _write_files(self, entries: list[Entry], date: str) -> tuple[dict[str, bytes], list[dict[str, Any]]]:
