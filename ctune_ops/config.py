@@ -223,7 +223,6 @@ class TinyModelConfig(_Strict):
     epochs: float = Field(gt=0)
     learning_rate: float = Field(gt=0)
     batch_size: int = Field(gt=0)
-    block_size: int = Field(default=128, gt=8)
     warmup_fraction: float = Field(default=0.05, ge=0, lt=1)
     weight_decay: float = Field(default=0.01, ge=0)
     tie_embeddings: bool = False
@@ -243,7 +242,7 @@ class BootstrapConfig(_Strict):
     threads: int = Field(default=0, ge=0, description="torch threads; 0 = all cores")
     base: TinyModelConfig = TinyModelConfig(
         hidden_size=256, num_layers=5, num_heads=4, intermediate_size=704,
-        epochs=24, learning_rate=3e-3, batch_size=16,
+        epochs=20, learning_rate=2e-3, batch_size=16,
     )
     proxy: TinyModelConfig = TinyModelConfig(
         hidden_size=128, num_layers=4, num_heads=4, intermediate_size=352,

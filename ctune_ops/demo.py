@@ -56,10 +56,12 @@ def run_demo(directory: Path, days: int, seed: int | None = None) -> int:
 
     lm = HFLM(pretrained=ws.model_path(ws.config.models.base), device=lmeval.resolve_device(ws.config.models.device),
               dtype="float32", batch_size=lmeval.DEFAULT_BATCH_SIZE)
-    retention_file = world_task_files(ws, generated.dates[0])[0]
-    scores = lmeval.evaluate(lm, [retention_file], cache_dir=ws.root / ".lmeval-cache")
+    retention_file, target_file, _ = world_task_files(ws, generated.dates[-1])
+    scores = lmeval.evaluate(lm, [retention_file, target_file], cache_dir=ws.root / ".lmeval-cache")
     print(f"  {evalsets.RETENTION_TASK:<28}{scores[evalsets.RETENTION_TASK]['acc']:.3f}"
           f"  (n={scores[evalsets.RETENTION_TASK]['n']}; facts the base was pretrained on)")
+    print(f"  {evalsets.TARGET_TASK:<28}{scores[evalsets.TARGET_TASK]['acc']:.3f}"
+          f"  (n={scores[evalsets.TARGET_TASK]['n']}; every day's new facts, none trained yet, chance 0.25)")
     for date in generated.dates:
         new_file = world_task_files(ws, date)[2]
         s = lmeval.evaluate(lm, [new_file], cache_dir=ws.root / ".lmeval-cache")[evalsets.NEW_TASK]

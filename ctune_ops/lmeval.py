@@ -7,6 +7,7 @@ lm-eval CLI; when a workspace has moved (a clone, a container mount), the JSONL 
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,8 @@ def evaluate(
 ) -> dict[str, dict[str, float]]:
     """Score ``model`` (a folder, or an already built ``HFLM``) on the tasks; returns per task acc, acc_norm, n."""
     os.environ.update(OFFLINE_ENV)
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # per-task notes about defaults it fills in
     if cache_dir is not None:
         os.environ.setdefault("HF_DATASETS_CACHE", str(cache_dir))
     import lm_eval
