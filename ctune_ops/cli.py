@@ -1,7 +1,8 @@
 """``ctune``: one command per user task.
 
 ``ctune init DIR`` creates a workspace; ``ctune world generate|bootstrap|evaluate`` make and measure the demo
-world; ``ctune demo`` runs the main job end to end; ``ctune config check`` validates params.yaml.
+world; ``ctune demo`` runs the main job end to end; ``ctune config check`` validates params.yaml;
+``ctune stage NAME --date D`` runs one pipeline stage for one day (what dvc.yaml and the operators call).
 Every failure prints one clear message and exits non-zero, never a traceback for a user error.
 """
 
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ctune_ops.config import ConfigError
+from ctune_ops.stages import STAGE_NAMES, StageError
 from ctune_ops.workspace import Workspace, WorkspaceError, init_workspace
 
 DEFAULT_DEMO_DAYS = 5
@@ -66,6 +68,17 @@ def _cmd_world_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_stage(args: argparse.Namespace) -> int:
+    from ctune_ops.stages import run_stage
+
+    ws = Workspace.open(args.workspace)
+    result = run_stage(ws, args.name, args.date)
+    print(json.dumps(result.summary, indent=1, sort_keys=True))
+    for name, path in result.outputs.items():
+        print(f"{name}: {path}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ctune_ops.demo import run_demo
 
@@ -102,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="items per task (default: all)")
     p.set_defaults(func=_cmd_world_evaluate)
 
+    p = sub.add_parser("stage", help="run one pipeline stage for one batch date (as dvc.yaml does)")
+    p.add_argument("name", help=f"one of: {', '.join(STAGE_NAMES)}")
+    p.add_argument("--date", required=True, help="batch date, YYYY-MM-DD")
+    p.add_argument("--workspace", default=".")
+    p.set_defaults(func=_cmd_stage)
+
     p = sub.add_parser("demo", help="the main job: a workspace with the demo world through the pipeline")
     p.add_argument("--workspace", default="demo-workspace")
     p.add_argument("--days", type=int, default=DEFAULT_DEMO_DAYS)
@@ -115,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         return args.func(args)
-    except (ConfigError, WorkspaceError, ValueError) as exc:
+    except (ConfigError, WorkspaceError, StageError, ValueError) as exc:
         print(f"ctune: error: {exc}", file=sys.stderr)
         return 2
 

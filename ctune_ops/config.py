@@ -8,7 +8,9 @@ fails with a :class:`ConfigError` that names the file, the line, the key and wha
 from __future__ import annotations
 
 import datetime as dt
+import re
 import string
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -250,14 +252,136 @@ class BootstrapConfig(_Strict):
     )
 
 
-class CtuneConfig(_Strict):
-    """Everything a workspace's ``params.yaml`` may say."""
+class CharBounds(_Strict):
+    """Allowed length of one text field after normalisation, in characters (inclusive)."""
 
-    batch: BatchConfig = BatchConfig()
-    workspace: WorkspaceConfig = WorkspaceConfig()
-    models: ModelsConfig = ModelsConfig()
-    world: WorldConfig = WorldConfig()
-    bootstrap: BootstrapConfig = BootstrapConfig()
+    min: int = Field(ge=0)
+    max: int = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> CharBounds:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) cannot exceed max ({self.max})")
+        return self
+
+
+class CharLimits(_Strict):
+    """Character bounds per text field. The output maximum sits above real answers (MedQuAD's NIH answers reach
+    4,000 characters) and below runaway rows (the demo world injects 20,000-character ones)."""
+
+    instruction: CharBounds = CharBounds(min=2, max=2000)
+    input: CharBounds = CharBounds(min=0, max=8000)
+    output: CharBounds = CharBounds(min=1, max=8000)
+
+
+RecordField = Literal["id", "instruction", "input", "output", "source", "created_at"]
+_PATTERN_NAME = re.compile(r"[a-z][a-z0-9_]*")
+
+# PHI patterns are Python regular expressions, run on text folded to ASCII (ctune_ops/validation/phi.py). pandas
+# (and so Great Expectations) runs them on RE2 where that gives Python's answer and on Python's re, row by row,
+# otherwise; they avoid look-around, \s and $ to stay on RE2, and scope flags as (?i:...) since they are combined.
+DEFAULT_PHI_PATTERNS = {
+    "phone": r"(?:\+?1[ .-]?)?(?:\([0-9]{3}\) ?|\b[0-9]{3}[ .-])[0-9]{3}[ .-][0-9]{4}\b",
+    "email": r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}",
+    "ssn": r"\b[0-9]{3}-[0-9]{2}-[0-9]{4}\b|(?i:\bSSN\b[ :#]*[0-9]{9}\b)",
+    "mrn": r"(?i:\b(?:MRN|medical record (?:number|no\.?|#))[ :#]*[0-9]{6,12}\b)",
+}
+# Toll-free numbers (800, 833, ... 888) belong to organisations, not patients: NIH answers cite helplines.
+DEFAULT_PHI_ALLOW = {
+    "toll_free": r"(?:\+?1[ .-]?)?(?:\(8(?:00|33|44|55|66|77|88)\) ?|\b8(?:00|33|44|55|66|77|88)[ .-])"
+    r"[0-9]{3}[ .-][0-9]{4}\b",
+}
+
+
+def _check_patterns(patterns: dict[str, str], what: str) -> None:
+    for name, pattern in patterns.items():
+        if not _PATTERN_NAME.fullmatch(name):
+            raise ValueError(f"{what} name {name!r} must be lower-case letters, digits and _ (it names a reason)")
+        try:
+            compiled = re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"{what} {name!r} is not a valid regular expression: {exc}") from None
+        if compiled.search(""):
+            raise ValueError(f"{what} {name!r} matches the empty string, so it would match every text")
+    try:
+        re.compile("|".join(f"(?:{p})" for p in patterns.values()))
+    except re.error as exc:
+        raise ValueError(f"{what}s cannot be combined into one expression ({exc}); scope flags as (?i:...)") from None
+
+
+class ValidateConfig(_Strict):
+    """The ``validate`` stage: which fields a row needs, how long its text may be, and what counts as PHI.
+
+    Token bounds count the rendered training text (prompt and response) with the deployed model's tokenizer
+    (``models.base``); ``token_bounds: false`` skips them where no tokenizer exists yet. PHI is quarantined, or
+    with ``phi: redact`` masked with ``phi_mask`` and the row accepted with a record of what was masked.
+    Text matched by a ``phi_allow`` pattern is not PHI.
+    """
+
+    required: list[RecordField] = Field(default_factory=lambda: ["id", "instruction", "output"])
+    chars: CharLimits = CharLimits()
+    token_bounds: bool = True
+    min_tokens: int = Field(default=1, ge=0)
+    max_tokens: int = Field(default=4096, gt=0)
+    phi: Literal["quarantine", "redact"] = "quarantine"
+    phi_mask: str = "[REDACTED:{name}]"
+    phi_patterns: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_PHI_PATTERNS))
+    phi_allow: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_PHI_ALLOW))
+
+    @field_validator("phi_patterns")
+    @classmethod
+    def _phi_patterns(cls, value: dict[str, str]) -> dict[str, str]:
+        if not value:
+            raise ValueError("phi_patterns is empty; PHI screening cannot be switched off by emptying it")
+        _check_patterns(value, "phi pattern")
+        return value
+
+    @field_validator("phi_allow")
+    @classmethod
+    def _phi_allow(cls, value: dict[str, str]) -> dict[str, str]:
+        _check_patterns(value, "phi_allow pattern")
+        return value
+
+    @field_validator("phi_mask")
+    @classmethod
+    def _phi_mask(cls, value: str) -> str:
+        if _placeholders(value) - {"name"}:
+            raise ValueError("phi_mask may only use the placeholder {name}")
+        return value
+
+    @field_validator("required")
+    @classmethod
+    def _required(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"required lists a field twice: {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ValidateConfig:
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) cannot exceed max_tokens ({self.max_tokens})")
+        for name in self.phi_patterns:
+            mask = self.phi_mask.format(name=name)
+            for other, pattern in self.phi_patterns.items():
+                if re.search(pattern, mask):
+                    raise ValueError(f"phi_mask {mask!r} itself matches phi pattern {other!r}")
+        return self
+
+
+with warnings.catch_warnings():
+    # The section is named like its stage; the only thing it shadows is pydantic v1's deprecated
+    # ``BaseModel.validate`` classmethod, which ctune never calls.
+    warnings.filterwarnings("ignore", message='Field name "validate"', category=UserWarning)
+
+    class CtuneConfig(_Strict):
+        """Everything a workspace's ``params.yaml`` may say."""
+
+        batch: BatchConfig = BatchConfig()
+        workspace: WorkspaceConfig = WorkspaceConfig()
+        models: ModelsConfig = ModelsConfig()
+        world: WorldConfig = WorldConfig()
+        bootstrap: BootstrapConfig = BootstrapConfig()
+        validate: ValidateConfig = ValidateConfig()
 
 
 def _key_line(root: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
