@@ -1,8 +1,8 @@
 """The main job (``make demo``): a workspace with the demo world, the tiny models, and what can be run on them.
 
 Until the daily DAG exists, the demo runs the parts that do: it creates (or reuses) the workspace, generates the
-world, bootstraps the models and measures the base model with lm-eval on retention and on every day's new facts,
-which is the baseline every later day of continual learning is measured against.
+world, bootstraps the models, measures the base model with lm-eval on retention and on every day's new facts (the
+baseline every later day of continual learning is measured against), and runs the validate stage on every day.
 """
 
 from __future__ import annotations
@@ -66,6 +66,14 @@ def run_demo(directory: Path, days: int, seed: int | None = None) -> int:
         new_file = world_task_files(ws, date)[2]
         s = lmeval.evaluate(lm, [new_file], cache_dir=ws.root / ".lmeval-cache")[evalsets.NEW_TASK]
         print(f"  {evalsets.NEW_TASK + ' ' + date:<28}{s['acc']:.3f}  (n={s['n']}; not trained yet, chance 0.25)")
-    print("\nthe daily pipeline stages are not implemented yet; see the open issues")
+    print("\nvalidate stage per day (raw = accepted + quarantined):")
+    from ctune_ops.stages import run_stage
+
+    for date in generated.dates:
+        with ws.lock(purpose=f"demo validate {date}"):
+            summary = run_stage(ws, "validate", date).summary
+        reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(summary["reasons"].items()))
+        print(f"  {date}: {summary['raw']} = {summary['accepted']} + {summary['quarantined']}  ({reasons})")
+    print("\nthe later stages (dedup, score, select, train, proxy, evaluate, promote) are not built yet")
     print(f"demo finished in {time.perf_counter() - started:.0f}s; workspace: {ws.root}")
     return 0
