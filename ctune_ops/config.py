@@ -368,6 +368,66 @@ class ValidateConfig(_Strict):
         return self
 
 
+class DedupConfig(_Strict):
+    """The ``dedup`` stage: exact fingerprints and MinHash LSH over word shingles (DESIGN §3.2).
+
+    ``num_perm`` hash functions split into ``bands`` bands of ``num_perm / bands`` rows; two texts become a
+    candidate pair when one band agrees, and a near duplicate when their estimated Jaccard similarity (the share
+    of equal signature values) is at least ``near_dup_threshold``. 128 permutations in 16 bands of 8 find a pair
+    at Jaccard 0.85 with probability 0.994 and one at 0.5 with 0.06 (those are then rejected by the estimate).
+    """
+
+    num_perm: int = Field(default=128, ge=8, le=1024)
+    bands: int = Field(default=16, ge=1)
+    shingle_words: int = Field(default=3, ge=1, le=8)
+    near_dup_threshold: float = Field(default=0.85, gt=0.0, le=1.0)
+    seed: int = 1
+    against: list[Literal["trained", "known"]] = Field(
+        default_factory=lambda: ["trained", "known"],
+        description="history decisions that make a later copy redundant",
+    )
+
+    @model_validator(mode="after")
+    def _bands_divide(self) -> DedupConfig:
+        if self.num_perm % self.bands:
+            raise ValueError(f"bands ({self.bands}) must divide num_perm ({self.num_perm})")
+        return self
+
+
+class ScoreConfig(_Strict):
+    """The ``score`` stage: batched proxy forward passes (DESIGN §3.3).
+
+    Rows are sorted by length and cut into batches of at most ``batch_tokens`` padded tokens and ``batch_rows``
+    rows: large batches keep the matrix multiplications efficient, sorted lengths keep padding small.
+    """
+
+    batch_tokens: int = Field(default=8192, ge=64)
+    batch_rows: int = Field(default=128, ge=1)
+    threads: int = Field(default=0, ge=0, description="torch CPU threads; 0 leaves torch's default")
+    progress: bool = True
+
+
+class SelectConfig(_Strict):
+    """The ``select`` policy (DESIGN §3.4); every threshold of the decision lives here.
+
+    ``known``: ppl <= tau_known, the ``known_quantile`` of the proxy's ppl on up to ``calibration_rows`` rows
+    already trained into the production model, recomputed every day. ``trained_reference`` names rows the base
+    model was trained on (a JSONL file in the workspace); they enter the history as trained in version v0, so the
+    first day can calibrate and replay. ``too_novel_quantile`` (off when null) drops rows whose ppl is above that
+    quantile of the batch. ``max_rows``/``max_tokens`` (off when null) keep the highest-IFD rows.
+    """
+
+    ifd_max: float = Field(default=1.0, gt=0.0)
+    known_quantile: float = Field(default=0.9, gt=0.0, le=1.0)
+    calibration_rows: int = Field(default=512, ge=1)
+    too_novel_quantile: float | None = Field(default=None, gt=0.0, lt=1.0)
+    max_rows: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    replay_ratio: float = Field(default=0.2, ge=0.0, le=10.0)
+    seed: int = 0
+    trained_reference: str | None = "world/corpus/day0.jsonl"
+
+
 with warnings.catch_warnings():
     # The section is named like its stage; the only thing it shadows is pydantic v1's deprecated
     # ``BaseModel.validate`` classmethod, which ctune never calls.
@@ -382,6 +442,9 @@ with warnings.catch_warnings():
         world: WorldConfig = WorldConfig()
         bootstrap: BootstrapConfig = BootstrapConfig()
         validate: ValidateConfig = ValidateConfig()
+        dedup: DedupConfig = DedupConfig()
+        score: ScoreConfig = ScoreConfig()
+        select: SelectConfig = SelectConfig()
 
 
 def _key_line(root: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:

@@ -26,6 +26,8 @@ from ctune_ops.config import PARAMS_FILE, CtuneConfig, load_config
 DVC_FILE = "dvc.yaml"
 LOCK_FILE = ".ctune/lock"
 MARKER_FILE = ".ctune/workspace"
+CURRENT_FILE = "CURRENT"  # the served version, written by promote and rollback
+BASE_VERSION = "v0"  # the base model, before the first promotion
 LOCK_TIMEOUT_S = 600.0
 LOCK_POLL_S = 0.2
 
@@ -179,6 +181,12 @@ class Workspace:
 
     def candidates(self, date: str) -> Path:
         return self.root / "models" / "candidates" / date
+
+    @property
+    def current_version(self) -> str:
+        """The version in production (the ``CURRENT`` file); ``v0``, the base model, before any promotion."""
+        path = self.root / CURRENT_FILE
+        return path.read_text(encoding="utf-8").strip() if path.exists() else BASE_VERSION
 
     @property
     def history_db(self) -> Path:

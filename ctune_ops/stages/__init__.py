@@ -21,6 +21,9 @@ if TYPE_CHECKING:
 STAGE_NAMES = ("validate", "dedup", "score", "select", "train", "proxy", "evaluate")
 _IMPLEMENTED = {
     "validate": "ctune_ops.stages.validate:run",
+    "dedup": "ctune_ops.stages.dedup:run",
+    "score": "ctune_ops.stages.score:run",
+    "select": "ctune_ops.stages.select:run",
 }
 
 

@@ -1,0 +1,297 @@
+"""Speed of the selection engine against the simple baselines, measured in one run.
+
+Scoring: the batched proxy scorer (length buckets, masked padding, vocabulary projection only where a token is
+scored) against the one-row-at-a-time way of Superfiltering's and Cherry's scripts (two full forward passes per
+row, batch size 1), on the demo world's rows and on MedQuAD rows (long answers, cut at ``models.max_length``).
+Also the achieved FLOP rate of the batched proxy forward (useful FLOPs: real tokens only) as a share of a large
+fp32 matrix multiplication's rate on the same machine.
+
+Dedup: ctune's path (vectorised MinHash, SQLite history with LSH band keys, candidate check by estimated
+Jaccard) against datasketch MinHash + MinHashLSH with the same permutations, bands, threshold and shingles, on
+two days of rows (day 2 checked against day 1 and itself) with planted near duplicates; recall of each on them.
+
+Targets (issue 4): scoring >= 8x the one-row baseline, FLOP share >= 40%, dedup >= 3x datasketch.
+
+    .venv/bin/python benchmarks/selection.py --workspace demo-workspace     # after `make demo`
+    .venv/bin/python benchmarks/selection.py --workspace demo-workspace --small
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from ctune_ops.config import DedupConfig  # noqa: E402
+from ctune_ops.records import read_jsonl  # noqa: E402
+from ctune_ops.selection.history import TRAINED, History, record_fingerprint, record_text  # noqa: E402
+from ctune_ops.selection.minhash import WORD  # noqa: E402
+from ctune_ops.workspace import Workspace  # noqa: E402
+
+MEDQUAD = Path(__file__).resolve().parents[2] / "shared" / "data" / "medquad" / "medquad_shared.jsonl"
+TARGETS = {"scoring": 8.0, "flop_share": 0.40, "dedup": 3.0}
+MATMUL_SIZE = 2048
+PLANTED_SHARE = 0.1  # share of rows that get a planted near copy
+PREFIXES = ("Please answer: ", "Question: ", "Quick question - ", "Asked by a nurse: ")
+
+
+def world_rows(ws: Workspace, count: int, cycle: bool = True) -> list[dict[str, Any]]:
+    """The world's corpus and accepted stream rows; repeated up to ``count`` when ``cycle`` (scoring only:
+    repeats would be exact duplicates to dedup)."""
+    corpus = list(read_jsonl(ws.world_dir / "corpus" / "day0.jsonl"))
+    stream = []
+    for day in sorted((ws.root / "data" / "accepted").glob("*.jsonl")):
+        stream += list(read_jsonl(day))
+    rows = [{"id": str(r["id"]), "instruction": r["instruction"], "input": r.get("input") or "",
+             "output": r["output"]} for r in corpus + stream]
+    count = count if cycle else min(count, len(rows))
+    return [dict(rows[i % len(rows)], id=f"w{i}") for i in range(count)]
+
+
+def medquad_rows(count: int) -> list[dict[str, Any]]:
+    if not MEDQUAD.exists():
+        return []
+    rows = []
+    for r in read_jsonl(MEDQUAD):
+        rows.append({"id": str(r["id"]), "instruction": r["instruction"], "input": r.get("input") or "",
+                     "output": r["output"]})
+        if len(rows) == count:
+            break
+    return rows
+
+
+# -- scoring -----------------------------------------------------------------------------------------------------
+def trunk_linear_params(model: Any) -> int:
+    import torch
+
+    return sum(m.weight.numel() for m in model.base_model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def useful_flops(model: Any, rows: list) -> float:
+    """Multiply-adds x2 of the conditioned and direct passes on real tokens: linear layers, causal attention
+    (QK^T and AV over the tokens before each one) and the vocabulary projection at scored positions."""
+    config = model.config
+    linear = trunk_linear_params(model)
+    width = config.num_attention_heads * getattr(config, "head_dim", config.hidden_size // config.num_attention_heads)
+    vocab_proj = 2 * config.hidden_size * config.vocab_size
+    total = 0.0
+    for r in rows:
+        for length, scored in ((len(r.prompt) + len(r.output), len(r.output)), (1 + len(r.output), len(r.output))):
+            attention = 4 * width * config.num_hidden_layers * length * (length + 1) / 2
+            total += 2 * linear * length + attention + vocab_proj * scored
+    return total
+
+
+def matmul_rate() -> float:
+    import torch
+
+    a, b = torch.randn(MATMUL_SIZE, MATMUL_SIZE), torch.randn(MATMUL_SIZE, MATMUL_SIZE)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * MATMUL_SIZE**3 / best
+
+
+def bench_scoring(ws: Workspace, name: str, records: list[dict[str, Any]], baseline_rows: int) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ctune_ops.selection.scorer import reference_losses, score_rows, tokenize_rows
+
+    config = ws.config
+    path = ws.model_path(config.models.proxy_base)
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    rows = tokenize_rows(tokenizer, records, config.models.prompt, config.models.max_length)
+    score_rows(model, tokenizer, rows[:64], config.score.batch_tokens, config.score.batch_rows)  # warm-up
+    start = time.perf_counter()
+    scores = score_rows(model, tokenizer, rows, config.score.batch_tokens, config.score.batch_rows)
+    batched_s = time.perf_counter() - start
+    subset = rows[:baseline_rows]
+    start = time.perf_counter()
+    reference = [reference_losses(model, tokenizer, r) for r in subset]
+    baseline_s = (time.perf_counter() - start) * len(rows) / len(subset)
+    worst = max(abs(scores.l_cond[i] - reference[i][0]) for i in range(len(subset)))
+    flops = useful_flops(model, rows)
+    return {
+        "workload": name, "rows": len(rows), "baseline_rows_timed": len(subset),
+        "tokens": sum(len(r.prompt) + 2 * len(r.output) + 1 for r in rows),
+        "truncated": sum(1 for r in rows if r.truncated),
+        "batched_rows_per_s": len(rows) / batched_s, "baseline_rows_per_s": len(rows) / baseline_s,
+        "speedup": baseline_s / batched_s, "max_abs_diff_l_cond": float(worst),
+        "achieved_gflops": flops / batched_s / 1e9,
+    }
+
+
+# -- dedup -------------------------------------------------------------------------------------------------------
+def with_planted(rows: list[dict[str, Any]], seed: int) -> tuple[list[dict[str, Any]], set[str]]:
+    """Rows with near copies of ``PLANTED_SHARE`` of them inserted later in the list; the copies' ids."""
+    rng = random.Random(seed)
+    out, planted = list(rows), set()
+    for i, row in enumerate(rng.sample(rows, int(len(rows) * PLANTED_SHARE))):
+        copy = dict(row, id=f"{row['id']}-copy{i}", instruction=rng.choice(PREFIXES) + row["instruction"])
+        position = rng.randrange(out.index(row) + 1, len(out) + 1)
+        out.insert(position, copy)
+        planted.add(copy["id"])
+    return out, planted
+
+
+def exact_jaccard(a: dict[str, Any], b: dict[str, Any], k: int) -> float:
+    def shingles(r: dict[str, Any]) -> set[str]:
+        words = WORD.findall(record_text(r).lower())
+        return {" ".join(words[i : i + k]) for i in range(max(len(words) - k + 1, 1))}
+
+    sa, sb = shingles(a), shingles(b)
+    return len(sa & sb) / len(sa | sb)
+
+
+def ctune_dedup(days: list[list[dict[str, Any]]], config: DedupConfig, root: Path) -> set[str]:
+    from ctune_ops.selection.dedup import find_duplicates
+
+    dropped: set[str] = set()
+    with History(root / "history.sqlite", config) as history:
+        for number, rows in enumerate(days, start=1):
+            date = f"2026-01-{number:02d}"
+            new = history.new_rows(rows)
+            found = find_duplicates(new, date, history, config.near_dup_threshold, config.against)
+            history.replace_day(date, [r for r, d in zip(new, found, strict=True) if d is None], initial=TRAINED)
+            dropped |= {d.row_id for d in found if d is not None}
+    return dropped
+
+
+def datasketch_dedup(days: list[list[dict[str, Any]]], config: DedupConfig) -> set[str]:
+    """The baseline: one MinHash object per row, MinHashLSH query then insert, candidates confirmed by their
+    estimated Jaccard, exact copies by the same fingerprint."""
+    from datasketch import MinHash, MinHashLSH
+
+    k = config.shingle_words
+    template = MinHash(num_perm=config.num_perm, seed=config.seed)
+    lsh = MinHashLSH(threshold=config.near_dup_threshold, num_perm=config.num_perm,
+                     params=(config.bands, config.num_perm // config.bands))
+    kept: dict[str, Any] = {}
+    fingerprints: set[str] = set()
+    dropped: set[str] = set()
+    for rows in days:
+        for row in rows:
+            fp = record_fingerprint(row)
+            if fp in fingerprints:
+                dropped.add(row["id"])
+                continue
+            words = WORD.findall(record_text(row).lower())
+            shingles = {" ".join(words[i : i + k]) for i in range(max(len(words) - k + 1, 1))}
+            m = MinHash(num_perm=config.num_perm, permutations=template.permutations)
+            m.update_batch([s.encode("utf-8") for s in shingles])
+            if any(m.jaccard(kept[key]) >= config.near_dup_threshold for key in lsh.query(m)):
+                dropped.add(row["id"])
+                continue
+            fingerprints.add(fp)
+            kept[row["id"]] = m
+            lsh.insert(row["id"], m)
+    return dropped
+
+
+def bench_dedup(name: str, rows: list[dict[str, Any]], config: DedupConfig, repeat: int) -> dict[str, Any]:
+    half = len(rows) // 2
+    day1, planted1 = with_planted(rows[:half], seed=1)
+    day2, planted2 = with_planted(rows[half:], seed=2)
+    for i, row in enumerate(random.Random(3).sample(rows[:half], int(half * PLANTED_SHARE))):  # copies of day 1
+        copy = dict(row, id=f"{row['id']}-later{i}", instruction=random.Random(i).choice(PREFIXES) + row["instruction"])
+        day2.insert(random.Random(i).randrange(len(day2) + 1), copy)
+        planted2.add(copy["id"])
+    planted = planted1 | planted2
+    by_id = {r["id"]: r for r in rows + day1 + day2}
+    close = {p for p in planted
+             if exact_jaccard(by_id[p], by_id[p.rsplit("-", 1)[0]], config.shingle_words) >= config.near_dup_threshold}
+    times: dict[str, list[float]] = {"ctune": [], "datasketch": []}
+    results: dict[str, set[str]] = {}
+    for _ in range(repeat):
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            results["ctune"] = ctune_dedup([day1, day2], config, Path(tmp))
+            times["ctune"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        results["datasketch"] = datasketch_dedup([day1, day2], config)
+        times["datasketch"].append(time.perf_counter() - start)
+    total = len(day1) + len(day2)
+    best = {key: min(value) for key, value in times.items()}
+    return {
+        "workload": name, "rows": total, "planted": len(planted), "planted_at_threshold": len(close),
+        "ctune_rows_per_s": total / best["ctune"], "datasketch_rows_per_s": total / best["datasketch"],
+        "speedup": best["datasketch"] / best["ctune"],
+        "ctune_recall": len(close & results["ctune"]) / max(len(close), 1),
+        "datasketch_recall": len(close & results["datasketch"]) / max(len(close), 1),
+        "ctune_dropped": len(results["ctune"]), "datasketch_dropped": len(results["datasketch"]),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workspace", type=Path, default=Path("demo-workspace"),
+                        help="a workspace with a bootstrapped proxy (make demo creates demo-workspace)")
+    parser.add_argument("--small", action="store_true", help="fewer rows, for CI")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "selection.json")
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    ws = Workspace.open(args.workspace)
+    config = ws.config
+    n_score, n_base, n_dedup = (300, 40, 2000) if args.small else (2000, 200, 12000)
+    repeat = 1 if args.small else 3
+    out: dict[str, Any] = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                           "torch_threads": torch.get_num_threads(), "small": args.small, "targets": TARGETS}
+    scoring = [bench_scoring(ws, "world", world_rows(ws, n_score), n_base)]
+    medquad = medquad_rows(n_score)
+    if medquad:
+        scoring.append(bench_scoring(ws, "medquad", medquad, n_base))
+    rate = matmul_rate()
+    for entry in scoring:
+        entry["flop_share"] = entry["achieved_gflops"] * 1e9 / rate
+    out["matmul_gflops"] = rate / 1e9
+    out["scoring"] = scoring
+    dedup_config = config.dedup
+    dedup = [bench_dedup("world", world_rows(ws, n_dedup, cycle=False), dedup_config, repeat)]
+    medquad = medquad_rows(n_dedup)
+    if medquad:
+        dedup.append(bench_dedup("medquad", medquad, dedup_config, repeat))
+    out["dedup"] = dedup
+
+    print(f"selection benchmark: {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
+          f"fp32 matmul {rate / 1e9:.1f} GFLOP/s")
+    print(f"{'scoring':<10}{'rows':>7}{'batched rows/s':>16}{'one-row rows/s':>16}{'ratio':>8}"
+          f"{'GFLOP/s':>9}{'share':>7}{'max|dL|':>9}")
+    for e in scoring:
+        print(f"{e['workload']:<10}{e['rows']:>7}{e['batched_rows_per_s']:>16.1f}{e['baseline_rows_per_s']:>16.1f}"
+              f"{e['speedup']:>7.1f}x{e['achieved_gflops']:>9.2f}{e['flop_share']:>7.0%}{e['max_abs_diff_l_cond']:>9.1e}")
+    print(f"{'dedup':<10}{'rows':>7}{'ctune rows/s':>16}{'datasketch r/s':>16}{'ratio':>8}"
+          f"{'recall ctune/datasketch':>26}")
+    for e in dedup:
+        print(f"{e['workload']:<10}{e['rows']:>7}{e['ctune_rows_per_s']:>16.0f}{e['datasketch_rows_per_s']:>16.0f}"
+              f"{e['speedup']:>7.1f}x{e['ctune_recall']:>16.3f} / {e['datasketch_recall']:.3f}"
+              f"  ({e['planted_at_threshold']} planted pairs at Jaccard >= {dedup_config.near_dup_threshold})")
+    checks = {
+        "scoring": min(e["speedup"] for e in scoring) >= TARGETS["scoring"],
+        "flop_share": min(e["flop_share"] for e in scoring) >= TARGETS["flop_share"],
+        "dedup": min(e["speedup"] for e in dedup) >= TARGETS["dedup"],
+    }
+    out["targets_met"] = checks
+    print("targets: " + ", ".join(f"{k} {'met' if v else 'NOT met'} (>= {TARGETS[k]})" for k, v in checks.items()))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

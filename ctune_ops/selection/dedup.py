@@ -1,0 +1,124 @@
+"""Which rows of a batch repeat something: exact and near duplicates, within the batch and against history.
+
+Order of the checks, and why: exact copies in the batch collapse onto their first occurrence first (cheap, and
+the copies then share whatever happens to that first row); the remaining rows are checked against history rows
+that were trained or judged known (fingerprint, then LSH candidates confirmed by estimated Jaccard); the rows
+still standing are checked against each other, greedily in batch order, so every dropped row names a row that
+is kept ("keep the first").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from ctune_ops.selection.history import History, NewRow
+from ctune_ops.selection.minhash import estimated_jaccard
+
+EXACT, NEAR = "exact_duplicate", "near_duplicate"
+BATCH, HISTORY = "batch", "history"
+
+
+@dataclass(frozen=True)
+class Duplicate:
+    """Why one row is dropped: it repeats ``duplicate_of`` (a row id; ``duplicate_of_date`` is that row's batch)."""
+
+    row_id: str
+    reason: str
+    scope: str
+    duplicate_of: str
+    duplicate_of_date: str
+    jaccard: float
+
+    def to_json(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def batch_pairs(keys: np.ndarray) -> np.ndarray:
+    """(pairs, 2) indices ``i < j`` of rows sharing at least one band key, each pair once."""
+    rows, bands = keys.shape
+    found = []
+    for band in range(bands):
+        column = keys[:, band]
+        order = np.argsort(column, kind="stable")
+        ordered = column[order]
+        starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+        sizes = np.diff(np.r_[starts, rows])
+        for start, size in zip(starts[sizes > 1], sizes[sizes > 1], strict=True):
+            members = np.sort(order[start : start + size])
+            i, j = np.triu_indices(size, k=1)
+            found.append(np.stack([members[i], members[j]], axis=1))
+    if not found:
+        return np.empty((0, 2), dtype=np.int64)
+    return np.unique(np.concatenate(found), axis=0)
+
+
+def _history_duplicates(rows: Sequence[NewRow], heads: list[int], date: str, history: History, threshold: float,
+                        eligible: Sequence[str], result: list[Duplicate | None]) -> None:
+    """Mark heads that repeat an eligible history row: same fingerprint, or LSH candidate close enough."""
+    exact = history.exact_matches([rows[i].fingerprint for i in heads], date, eligible)
+    for index in heads:
+        match = exact.get(rows[index].fingerprint)
+        if match:
+            result[index] = Duplicate(rows[index].row_id, EXACT, HISTORY, match[1], match[0], 1.0)
+    open_heads = [i for i in heads if result[i] is None]
+    if not open_heads:
+        return
+    items, found = history.band_candidates(np.stack([rows[i].keys for i in open_heads]), date, eligible)
+    if not len(items):
+        return
+    mine = np.stack([rows[open_heads[i]].signature for i in items])
+    scores = estimated_jaccard(mine, np.stack([h.signature for h in found]))
+    best: dict[int, tuple[float, int]] = {}
+    for k, (item, score) in enumerate(zip(items.tolist(), scores.tolist(), strict=True)):
+        if score >= threshold and score > best.get(item, (-1.0, 0))[0]:
+            best[item] = (score, k)
+    for item, (score, k) in best.items():
+        index, match = open_heads[item], found[k]
+        result[index] = Duplicate(rows[index].row_id, NEAR, HISTORY, match.row_id, match.date, score)
+
+
+def _batch_duplicates(rows: Sequence[NewRow], standing: list[int], date: str, threshold: float,
+                      result: list[Duplicate | None]) -> None:
+    """Mark rows near an earlier row of the batch that is kept, greedily in batch order."""
+    if len(standing) < 2:
+        return
+    pairs = batch_pairs(np.stack([rows[i].keys for i in standing]))
+    if not len(pairs):
+        return
+    signatures = np.stack([rows[i].signature for i in standing])
+    scores = estimated_jaccard(signatures[pairs[:, 0]], signatures[pairs[:, 1]])
+    close = scores >= threshold
+    earlier: dict[int, list[tuple[int, float]]] = {}
+    for (i, j), score in zip(pairs[close].tolist(), scores[close].tolist(), strict=True):
+        earlier.setdefault(j, []).append((i, score))
+    dropped: set[int] = set()
+    for j in sorted(earlier):
+        kept = [(score, -i) for i, score in earlier[j] if i not in dropped]
+        if kept:
+            score, neg_i = max(kept)
+            dropped.add(j)
+            index, of = standing[j], standing[-neg_i]
+            result[index] = Duplicate(rows[index].row_id, NEAR, BATCH, rows[of].row_id, date, score)
+
+
+def find_duplicates(rows: Sequence[NewRow], date: str, history: History, threshold: float,
+                    eligible: Sequence[str]) -> list[Duplicate | None]:
+    """For each row, None when it is kept, else the Duplicate that drops it (see the module docstring)."""
+    result: list[Duplicate | None] = [None] * len(rows)
+    first: dict[str, int] = {}
+    copies: list[int] = []
+    for index, row in enumerate(rows):
+        if row.fingerprint in first:
+            copies.append(index)
+        else:
+            first[row.fingerprint] = index
+    heads = sorted(first.values())
+    _history_duplicates(rows, heads, date, history, threshold, eligible, result)
+    _batch_duplicates(rows, [i for i in heads if result[i] is None], date, threshold, result)
+    for index in copies:
+        of = first[rows[index].fingerprint]
+        result[index] = Duplicate(rows[index].row_id, EXACT, BATCH, rows[of].row_id, date, 1.0)
+    return result

@@ -1,0 +1,329 @@
+"""``state/history.sqlite``: every row that reached scoring, with what became of it.
+
+One table row per (batch date, record id): its fingerprint, MinHash signature and LSH band keys, its decision and
+the version it concerns (*trained*: the version that trained it; *known*: the production version whose proxy
+judged it known), and the record itself, so calibration and replay can read earlier rows without the day files.
+Decisions move pending -> (selected | known | misaligned | too_novel | budget) at select, selected -> trained or
+not_trained at promote/keep.
+
+The database runs in WAL mode; every write is one transaction, so a killed task leaves it as it was. DVC versions
+it with the models, so rolling back to a version restores the history of that version too.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ctune_ops.config import DedupConfig
+from ctune_ops.records import dumps_record, fingerprint
+from ctune_ops.selection.minhash import MinHasher, band_keys, shingle_text
+from ctune_ops.workspace import BASE_VERSION
+
+SCHEMA_VERSION = "1"
+REFERENCE_DATE = "0000-00-00"  # rows the base model was trained on sort before every batch date
+PENDING, SELECTED, TRAINED, NOT_TRAINED, KNOWN = "pending", "selected", "trained", "not_trained", "known"
+_QUERY_CHUNK = 50_000  # band keys per temp-table round trip
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS rows (
+    ref INTEGER PRIMARY KEY,
+    date TEXT NOT NULL,
+    row_id TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    signature BLOB NOT NULL,
+    decision TEXT NOT NULL,
+    version TEXT,
+    record TEXT NOT NULL,
+    UNIQUE (date, row_id)
+);
+CREATE INDEX IF NOT EXISTS rows_fingerprint ON rows (fingerprint);
+CREATE INDEX IF NOT EXISTS rows_decision ON rows (decision, date);
+CREATE TABLE IF NOT EXISTS bands (band INTEGER NOT NULL, key INTEGER NOT NULL, ref INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS bands_key ON bands (band, key);
+CREATE INDEX IF NOT EXISTS bands_ref ON bands (ref);
+CREATE TABLE IF NOT EXISTS output_loss (
+    output_sha TEXT NOT NULL,
+    proxy_version TEXT NOT NULL,
+    loss REAL NOT NULL,
+    tokens INTEGER NOT NULL,
+    PRIMARY KEY (output_sha, proxy_version)
+) WITHOUT ROWID;
+"""
+
+
+class HistoryError(RuntimeError):
+    """The history database cannot be used as asked; the message says which file and why."""
+
+
+@dataclass(frozen=True)
+class HistoryRow:
+    """One earlier row a batch row may duplicate."""
+
+    ref: int
+    date: str
+    row_id: str
+    decision: str
+    signature: np.ndarray
+
+
+@dataclass(frozen=True)
+class NewRow:
+    """A row of today's batch that reached scoring."""
+
+    row_id: str
+    fingerprint: str
+    signature: np.ndarray
+    keys: np.ndarray
+    record: dict[str, Any]
+
+
+def record_fingerprint(record: dict[str, Any]) -> str:
+    return fingerprint(record["instruction"], record.get("input", ""), record["output"])
+
+
+def record_text(record: dict[str, Any]) -> str:
+    return shingle_text(record["instruction"], record.get("input", ""), record["output"])
+
+
+class History:
+    """The open history database of a workspace (use as a context manager; closing checkpoints the WAL)."""
+
+    def __init__(self, path: Path, dedup: DedupConfig) -> None:
+        self.path = path
+        self.dedup = dedup
+        self.hasher = MinHasher(dedup.num_perm, dedup.shingle_words, dedup.seed)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.db = sqlite3.connect(path, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise HistoryError(f"{path}: not a usable SQLite database ({exc})") from None
+        self._check_meta()
+
+    def __enter__(self) -> History:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self.db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # -- settings ---------------------------------------------------------------------------------------------
+    def _settings(self) -> dict[str, str]:
+        d = self.dedup
+        return {"schema": SCHEMA_VERSION, "num_perm": str(d.num_perm), "bands": str(d.bands),
+                "shingle_words": str(d.shingle_words), "seed": str(d.seed)}
+
+    def _check_meta(self) -> None:
+        stored = dict(self.db.execute("SELECT key, value FROM meta").fetchall())
+        wanted = self._settings()
+        if stored.get("schema", SCHEMA_VERSION) != SCHEMA_VERSION:
+            raise HistoryError(f"{self.path}: schema {stored['schema']}, this ctune reads schema {SCHEMA_VERSION}")
+        if stored and stored != wanted:
+            self._rehash()  # dedup settings changed: signatures are recomputed from the stored records
+        with self.transaction() as db:
+            db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", sorted(wanted.items()))
+
+    def _rehash(self) -> None:
+        rows = self.db.execute("SELECT ref, record FROM rows ORDER BY ref").fetchall()
+        refs = [ref for ref, _ in rows]
+        signatures = self.hasher.signatures([record_text(json.loads(text)) for _, text in rows])
+        keys = band_keys(signatures, self.dedup.bands)
+        with self.transaction() as db:
+            db.execute("DELETE FROM bands")
+            db.executemany("UPDATE rows SET signature = ? WHERE ref = ?",
+                           ((sig.tobytes(), ref) for ref, sig in zip(refs, signatures, strict=True)))
+            db.executemany("INSERT INTO bands VALUES (?, ?, ?)", _band_rows(refs, keys))
+
+    # -- reading ----------------------------------------------------------------------------------------------
+    def count(self, decision: str | None = None) -> int:
+        if decision is None:
+            return self.db.execute("SELECT COUNT(*) FROM rows").fetchone()[0]
+        return self.db.execute("SELECT COUNT(*) FROM rows WHERE decision = ?", (decision,)).fetchone()[0]
+
+    def _eligible(self, decisions: Sequence[str]) -> str:
+        return f"r.decision IN ({', '.join('?' * len(decisions))}) AND r.date < ?"
+
+    def exact_matches(self, fingerprints: Sequence[str], before: str,
+                      decisions: Sequence[str]) -> dict[str, tuple[str, str]]:
+        """fingerprint -> (date, row id) of the earliest eligible history row with that fingerprint."""
+        found: dict[str, tuple[str, str]] = {}
+        unique = sorted(set(fingerprints))
+        sql = (f"SELECT r.fingerprint, r.date, r.row_id FROM rows r WHERE r.fingerprint IN ({{}}) AND "
+               f"{self._eligible(decisions)} ORDER BY r.date, r.ref")
+        for start in range(0, len(unique), 500):
+            part = unique[start : start + 500]
+            query = sql.format(", ".join("?" * len(part)))
+            for fp, date, row_id in self.db.execute(query, (*part, *decisions, before)):
+                found.setdefault(fp, (date, row_id))
+        return found
+
+    def band_candidates(self, keys: np.ndarray, before: str,
+                        decisions: Sequence[str]) -> tuple[np.ndarray, list[HistoryRow]]:
+        """Pairs (batch row, history row) sharing at least one LSH band key, the history row eligible.
+
+        Returns the batch indices and, aligned with them, the history rows (each with its signature).
+        """
+        rows, bands = keys.shape
+        self.db.execute("CREATE TEMP TABLE IF NOT EXISTS query (band INTEGER, key INTEGER, item INTEGER)")
+        self.db.execute("DELETE FROM query")
+        flat = ((int(b), int(k), int(i)) for i in range(rows) for b, k in enumerate(keys[i]))
+        batch = []
+        for entry in flat:
+            batch.append(entry)
+            if len(batch) >= _QUERY_CHUNK:
+                self.db.executemany("INSERT INTO query VALUES (?, ?, ?)", batch)
+                batch = []
+        self.db.executemany("INSERT INTO query VALUES (?, ?, ?)", batch)
+        sql = (
+            "SELECT DISTINCT q.item, r.ref, r.date, r.row_id, r.decision, r.signature FROM query q "
+            "JOIN bands b ON b.band = q.band AND b.key = q.key JOIN rows r ON r.ref = b.ref "
+            f"WHERE {self._eligible(decisions)} ORDER BY q.item, r.date, r.ref"
+        )
+        items, found = [], []
+        for item, ref, date, row_id, decision, blob in self.db.execute(sql, (*decisions, before)):
+            items.append(item)
+            found.append(HistoryRow(ref, date, row_id, decision, np.frombuffer(blob, dtype=np.uint32)))
+        self.db.execute("DELETE FROM query")
+        return np.array(items, dtype=np.int64), found
+
+    def decisions(self, date: str) -> dict[str, tuple[str, str | None]]:
+        """row id -> (decision, version) of the rows of ``date``."""
+        query = "SELECT row_id, decision, version FROM rows WHERE date = ?"
+        return {row_id: (decision, version) for row_id, decision, version in self.db.execute(query, (date,))}
+
+    def sample_records(self, decision: str, count: int, seed: str, before: str | None = None) -> list[dict[str, Any]]:
+        """Up to ``count`` records with ``decision`` (dated before ``before`` when given), drawn reproducibly."""
+        query = "SELECT ref FROM rows WHERE decision = ?" + (" AND date < ?" if before else "") + " ORDER BY ref"
+        refs = [ref for (ref,) in self.db.execute(query, (decision, before) if before else (decision,))]
+        chosen = sorted(random.Random(seed).sample(refs, min(count, len(refs))))
+        records = []
+        for start in range(0, len(chosen), 500):
+            part = chosen[start : start + 500]
+            sql = f"SELECT record FROM rows WHERE ref IN ({', '.join('?' * len(part))}) ORDER BY ref"
+            records += [json.loads(text) for (text,) in self.db.execute(sql, part)]
+        return records
+
+    # -- writing ----------------------------------------------------------------------------------------------
+    def new_rows(self, records: Sequence[dict[str, Any]]) -> list[NewRow]:
+        """Fingerprints, signatures and band keys of records (nothing is written)."""
+        signatures = self.hasher.signatures([record_text(r) for r in records])
+        keys = band_keys(signatures, self.dedup.bands)
+        return [NewRow(str(r["id"]), record_fingerprint(r), signatures[i], keys[i], r)
+                for i, r in enumerate(records)]
+
+    def replace_day(self, date: str, rows: Sequence[NewRow], initial: str = PENDING,
+                    version: str | None = None) -> dict[str, int]:
+        """Make the history's rows of ``date`` exactly ``rows``, in one transaction.
+
+        A row already present with the same fingerprint keeps its decision (a rerun of a promoted day does not
+        forget what was trained); rows no longer present are removed; new rows start as ``initial``.
+        """
+        existing = {row_id: (ref, fp) for ref, row_id, fp in
+                    self.db.execute("SELECT ref, row_id, fingerprint FROM rows WHERE date = ?", (date,))}
+        keep_ids = {row.row_id for row in rows}
+        stale = [ref for row_id, (ref, fp) in existing.items()
+                 if row_id not in keep_ids]
+        stale += [existing[row.row_id][0] for row in rows
+                  if row.row_id in existing and existing[row.row_id][1] != row.fingerprint]
+        fresh = [row for row in rows if row.row_id not in existing or existing[row.row_id][1] != row.fingerprint]
+        with self.transaction() as db:
+            for start in range(0, len(stale), 500):
+                part = stale[start : start + 500]
+                marks = ", ".join("?" * len(part))
+                db.execute(f"DELETE FROM bands WHERE ref IN ({marks})", part)
+                db.execute(f"DELETE FROM rows WHERE ref IN ({marks})", part)
+            refs = []
+            for row in fresh:
+                cursor = db.execute(
+                    "INSERT INTO rows (date, row_id, fingerprint, signature, decision, version, record) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (date, row.row_id, row.fingerprint, row.signature.astype(np.uint32).tobytes(), initial,
+                     version, dumps_record(row.record)),
+                )
+                refs.append(cursor.lastrowid)
+            if fresh:
+                keys = np.stack([row.keys for row in fresh])
+                db.executemany("INSERT INTO bands VALUES (?, ?, ?)", _band_rows(refs, keys))
+        return {"inserted": len(fresh), "removed": len(stale), "kept": len(rows) - len(fresh)}
+
+    def set_decisions(self, date: str, decisions: dict[str, tuple[str, str | None]],
+                      protected: Iterable[str] = (TRAINED,)) -> int:
+        """Record select's decisions for rows of ``date``; rows already ``protected`` (trained) keep theirs."""
+        protected = tuple(protected)
+        marks = ", ".join("?" * len(protected))
+        with self.transaction() as db:
+            changed = 0
+            for row_id, (decision, version) in sorted(decisions.items()):
+                cursor = db.execute(
+                    f"UPDATE rows SET decision = ?, version = ? WHERE date = ? AND row_id = ? "
+                    f"AND decision NOT IN ({marks})",
+                    (decision, version, date, row_id, *protected),
+                )
+                changed += cursor.rowcount
+        return changed
+
+    def mark_trained(self, date: str, version: str) -> int:
+        """Promote: the rows of ``date`` selected for training are now trained into ``version``."""
+        with self.transaction() as db:
+            return db.execute("UPDATE rows SET decision = ?, version = ? WHERE date = ? AND decision = ?",
+                              (TRAINED, version, date, SELECTED)).rowcount
+
+    def mark_not_trained(self, date: str) -> int:
+        """Keep: the rows of ``date`` selected for training were not promoted; a later day may select them."""
+        with self.transaction() as db:
+            return db.execute("UPDATE rows SET decision = ?, version = NULL WHERE date = ? AND decision = ?",
+                              (NOT_TRAINED, date, SELECTED)).rowcount
+
+    def seed_reference(self, records: Sequence[dict[str, Any]]) -> int:
+        """Enter rows the base model was trained on as trained in v0 (once; later calls change nothing)."""
+        if self.db.execute("SELECT 1 FROM rows WHERE date = ? LIMIT 1", (REFERENCE_DATE,)).fetchone():
+            return 0
+        return self.replace_day(REFERENCE_DATE, self.new_rows(records), initial=TRAINED,
+                                version=BASE_VERSION)["inserted"]
+
+    # -- the L_out cache ----------------------------------------------------------------------------------------
+    def cached_losses(self, output_shas: Sequence[str], proxy_version: str) -> dict[str, tuple[float, int]]:
+        found: dict[str, tuple[float, int]] = {}
+        unique = sorted(set(output_shas))
+        for start in range(0, len(unique), 500):
+            part = unique[start : start + 500]
+            sql = (f"SELECT output_sha, loss, tokens FROM output_loss WHERE proxy_version = ? "
+                   f"AND output_sha IN ({', '.join('?' * len(part))})")
+            found.update({sha: (loss, tokens) for sha, loss, tokens in self.db.execute(sql, (proxy_version, *part))})
+        return found
+
+    def store_losses(self, losses: dict[str, tuple[float, int]], proxy_version: str) -> None:
+        with self.transaction() as db:
+            db.executemany("INSERT OR IGNORE INTO output_loss VALUES (?, ?, ?, ?)",
+                           ((sha, proxy_version, loss, tokens) for sha, (loss, tokens) in sorted(losses.items())))
+
+
+def _band_rows(refs: Sequence[int], keys: np.ndarray) -> Iterator[tuple[int, int, int]]:
+    for ref, row in zip(refs, keys, strict=True):
+        for band, key in enumerate(row.tolist()):
+            yield band, key, ref

@@ -1,0 +1,73 @@
+"""Loading the proxy that scores today's rows: the promoted one when there is one, else the proxy base.
+
+``models/proxy`` (written at promotion) may hold a full model or a LoRA adapter over ``models.proxy_base``; either
+way it loads from safetensors only. The device follows ``models.device`` (``auto``: CUDA when present).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ctune_ops.stages import StageError
+from ctune_ops.workspace import Workspace
+
+PROMOTED_PROXY = "models/proxy"
+
+
+@dataclass
+class LoadedProxy:
+    model: Any
+    tokenizer: Any
+    path: str
+    version: str  # the cache key of everything this proxy computed: production version and where it came from
+
+
+def pick_device(setting: str) -> str:
+    import torch
+
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise StageError("params.yaml: key 'models.device': cuda was asked for but torch sees no CUDA device")
+    return setting
+
+
+def proxy_location(ws: Workspace) -> tuple[str, bool]:
+    """(where the current proxy is, whether it is a LoRA adapter over models.proxy_base)."""
+    promoted = ws.root / PROMOTED_PROXY
+    if (promoted / "adapter_config.json").exists():
+        return str(promoted), True
+    if (promoted / "config.json").exists():
+        return str(promoted), False
+    base = ws.model_path(ws.config.models.proxy_base)
+    if Path(base).is_absolute() and not Path(base).exists():
+        raise StageError(f"the proxy model {base} does not exist (models.proxy_base); run `ctune world bootstrap` "
+                         "or point models.proxy_base at a model")
+    return base, False
+
+
+def load_proxy(ws: Workspace, threads: int = 0) -> LoadedProxy:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if threads:
+        torch.set_num_threads(threads)
+    config = ws.config.models
+    path, is_adapter = proxy_location(ws)
+    base = ws.model_path(config.proxy_base)
+    device = pick_device(config.device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base if is_adapter else path, use_safetensors=True,
+                                                     dtype=torch.float32)
+        if is_adapter:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, path).merge_and_unload()
+        tokenizer = AutoTokenizer.from_pretrained(base if is_adapter else path)
+    except OSError as exc:
+        raise StageError(f"cannot load the proxy from {path}: {exc}") from None
+    model.to(device).eval()
+    relative = Path(path).relative_to(ws.root).as_posix() if Path(path).is_relative_to(ws.root) else path
+    return LoadedProxy(model, tokenizer, path, f"{ws.current_version}:{relative}")

@@ -1,0 +1,136 @@
+"""The select stage (DESIGN §3.4): one decision for every accepted row, and the day's training set.
+
+Reads ``data/accepted/D.jsonl`` (the order of the decisions), ``reports/D/dedup.json`` (the duplicates),
+``data/unique/D.jsonl``, ``data/scored/D.parquet`` and its calibration sample. Writes:
+
+* ``reports/D/decisions.parquet`` -- every accepted row once: decision, the row a duplicate repeats, scores;
+* ``data/selected/D.jsonl`` -- the selected rows (``selection: new``) and a replay sample of rows trained
+  before D (``selection: replay``, ``replay_ratio`` times as many), the training set of the train stage;
+* ``reports/D/selection.json`` -- the funnel, ``tau_known`` and score summaries per decision;
+* the decisions in ``state/history.sqlite`` (``known`` with the production version that judged it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from ctune_ops.records import write_jsonl
+from ctune_ops.selection.history import KNOWN, TRAINED
+from ctune_ops.selection.policy import POLICY_DECISIONS, decide
+from ctune_ops.stages import StageError, StageResult
+from ctune_ops.stages.dedup import REPORT_FILE as DEDUP_REPORT
+from ctune_ops.stages.dedup import open_history, read_stage_input, write_report
+from ctune_ops.stages.score import calibration_path, write_parquet
+from ctune_ops.workspace import Workspace
+
+STAGE = "select"
+REPORT_FILE = "selection.json"
+DECISIONS_FILE = "decisions.parquet"
+SCORE_COLUMNS = ("l_cond", "l_out", "ppl", "ifd")
+log = logging.getLogger(__name__)
+
+
+def _read_parquet(path: Any, ws: Workspace, producer: str) -> dict[str, list[Any]]:
+    import pyarrow.parquet as pq
+
+    if not path.exists():
+        raise StageError(f"{path.relative_to(ws.root)} does not exist: run the {producer} stage for this date first")
+    return pq.read_table(path).to_pydict()
+
+
+def _summary(values: np.ndarray) -> dict[str, float] | None:
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return None
+    q = np.quantile(values, [0.1, 0.5, 0.9])
+    return {"p10": round(float(q[0]), 4), "p50": round(float(q[1]), 4), "p90": round(float(q[2]), 4)}
+
+
+def run(ws: Workspace, date: str) -> StageResult:
+    config = ws.config.select
+    accepted = read_stage_input(ws.accepted(date), ws, "validate")
+    unique = read_stage_input(ws.unique(date), ws, "dedup")
+    dedup_path = ws.reports(date) / DEDUP_REPORT
+    if not dedup_path.exists():
+        raise StageError(f"{dedup_path.relative_to(ws.root)} does not exist: run the dedup stage for this date first")
+    drops = {d["row_id"]: d for d in json.loads(dedup_path.read_text(encoding="utf-8"))["drops"]}
+    scored = _read_parquet(ws.scored(date), ws, "score")
+    calibration = _read_parquet(calibration_path(ws, date), ws, "score")
+    if scored["id"] != [str(r["id"]) for r in unique]:
+        raise StageError(f"{ws.scored(date).relative_to(ws.root)} does not match data/unique/{date}.jsonl: "
+                         "rerun the score stage for this date")
+
+    ppl, ifd = np.asarray(scored["ppl"], dtype=float), np.asarray(scored["ifd"], dtype=float)
+    tokens = np.asarray(scored["prompt_tokens"]) + np.asarray(scored["output_tokens"])
+    policy = decide(ppl, ifd, tokens, np.asarray(calibration["ppl"], dtype=float), config)
+    by_id = {row_id: k for k, row_id in enumerate(scored["id"])}
+    version = ws.current_version
+
+    table: dict[str, list[Any]] = {name: [] for name in (
+        "id", "decision", "duplicate_of", "duplicate_of_date", "jaccard", *SCORE_COLUMNS, "tokens", "truncated")}
+    for record in accepted:
+        row_id = str(record["id"])
+        drop, k = drops.get(row_id), by_id.get(row_id)
+        if (drop is None) == (k is None):
+            raise StageError(f"row {row_id!r} of data/accepted/{date}.jsonl is "
+                             f"{'both dropped and scored' if drop else 'neither dropped nor scored'}; "
+                             "rerun dedup and score for this date")
+        table["id"].append(row_id)
+        table["decision"].append(drop["reason"] if drop else policy.decisions[k])
+        table["duplicate_of"].append(drop["duplicate_of"] if drop else None)
+        table["duplicate_of_date"].append(drop["duplicate_of_date"] if drop else None)
+        table["jaccard"].append(drop["jaccard"] if drop else None)
+        for name in SCORE_COLUMNS:
+            table[name].append(None if drop else scored[name][k])
+        table["tokens"].append(None if drop else int(tokens[k]))
+        table["truncated"].append(None if drop else scored["truncated"][k])
+    if len(table["id"]) != len(accepted) or len(set(table["id"])) != len(accepted):
+        raise StageError(f"select {date}: {len(table['id'])} decisions for {len(accepted)} accepted rows")
+
+    chosen = [unique[k] for k, d in enumerate(policy.decisions) if d == "selected"]
+    with open_history(ws) as history:
+        history.set_decisions(date, {str(unique[k]["id"]): (d, version if d == KNOWN else None)
+                                     for k, d in enumerate(policy.decisions)})
+        replay = history.sample_records(TRAINED, round(config.replay_ratio * len(chosen)),
+                                        seed=f"{config.seed}:{date}:replay", before=date)
+    training = [{**r, "selection": "new"} for r in chosen] + [{**r, "selection": "replay"} for r in replay]
+    write_jsonl(ws.selected(date), training)
+    write_parquet(ws.reports(date) / DECISIONS_FILE, table)
+
+    counts = Counter(table["decision"])
+    decisions = np.asarray(policy.decisions, dtype=object)
+    report = {
+        "date": date,
+        "funnel": {
+            "accepted": len(accepted),
+            "exact_duplicate": counts.get("exact_duplicate", 0),
+            "near_duplicate": counts.get("near_duplicate", 0),
+            "unique": len(unique),
+            **{d: counts.get(d, 0) for d in POLICY_DECISIONS},
+            "replay": len(replay),
+            "training_rows": len(training),
+        },
+        **policy.thresholds(),
+        "known_quantile": config.known_quantile,
+        "ifd_max": config.ifd_max,
+        "calibration_rows": len(calibration["id"]),
+        "production_version": version,
+        "selected_tokens": int(tokens[decisions == "selected"].sum()) if len(tokens) else 0,
+        "unique_tokens": int(tokens.sum()),
+        "scores": {d: {"ppl": _summary(ppl[decisions == d]), "ifd": _summary(ifd[decisions == d])}
+                   for d in POLICY_DECISIONS if (decisions == d).any()},
+        "notes": policy.notes,
+    }
+    write_report(ws.reports(date) / REPORT_FILE, report)
+    log.info("select %s: %s, tau_known %s", date, report["funnel"], policy.tau_known)
+    summary = {"date": date, **report["funnel"], "tau_known": policy.tau_known}
+    return StageResult(STAGE, date, summary, {
+        "selected": str(ws.selected(date).relative_to(ws.root)),
+        "decisions": str((ws.reports(date) / DECISIONS_FILE).relative_to(ws.root)),
+        "report": str((ws.reports(date) / REPORT_FILE).relative_to(ws.root)),
+    })

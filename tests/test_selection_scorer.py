@@ -1,0 +1,69 @@
+"""The batched scorer against a plain one-row-at-a-time reference, on the small world's proxy."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from ctune_ops.records import read_jsonl
+from ctune_ops.selection.scorer import plan_batches, reference_losses, score_rows, tokenize_rows
+
+
+@pytest.fixture(scope="module")
+def proxy(small_world):  # noqa: ANN001, ANN201
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = small_world.model_path(small_world.config.models.proxy_base)
+    return AutoModelForCausalLM.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def _mixed_rows(small_world, count: int = 40) -> list[dict]:  # noqa: ANN001
+    """Rows of the world's corpus with lengths spread out: some with input, some long, a few repeated answers."""
+    rng = random.Random(3)
+    rows = list(read_jsonl(small_world.world_dir / "corpus" / "day0.jsonl"))[::7][:count]
+    for i, row in enumerate(rows):
+        if i % 3 == 0:
+            row["input"] = " ".join(rng.choice(row["output"].split()) for _ in range(rng.randrange(3, 30)))
+        if i % 5 == 0:
+            row["output"] = " ".join([row["output"]] * rng.randrange(2, 5))
+        row.setdefault("input", "")
+    rows[-1]["output"] = rows[0]["output"]  # a repeated answer is scored once
+    return rows
+
+
+def test_batched_scores_equal_one_row_reference(small_world, proxy) -> None:  # noqa: ANN001
+    model, tokenizer = proxy
+    prompt = small_world.config.models.prompt
+    rows = tokenize_rows(tokenizer, _mixed_rows(small_world), prompt, max_length=64)
+    lengths = [len(r.prompt) + len(r.output) for r in rows]
+    assert len(set(lengths)) > 10 and any(r.truncated == "output" for r in rows)
+    assert all(len(r.prompt) + len(r.output) <= 64 for r in rows)
+    # small batches so that several batches, padding and mixed widths are exercised
+    scores = score_rows(model, tokenizer, rows, batch_tokens=400, batch_rows=7)
+    reference = np.array([reference_losses(model, tokenizer, r) for r in rows])
+    assert np.abs(scores.l_cond - reference[:, 0]).max() < 1e-4
+    assert np.abs(scores.l_out - reference[:, 1]).max() < 1e-4
+    assert np.allclose(scores.ifd, np.exp(reference[:, 0] - reference[:, 1]), rtol=1e-4)
+    assert np.allclose(scores.ppl, np.exp(reference[:, 0]), rtol=1e-4)
+    assert (scores.scored_tokens == [len(r.output) for r in rows]).all()
+
+
+def test_cached_output_losses_are_used(small_world, proxy) -> None:  # noqa: ANN001
+    model, tokenizer = proxy
+    rows = tokenize_rows(tokenizer, _mixed_rows(small_world, 10), small_world.config.models.prompt, 256)
+    cached = {rows[0].output_key: 123.0}
+    scores = score_rows(model, tokenizer, rows, batch_tokens=4096, batch_rows=64, cached=cached)
+    assert scores.l_out[0] == 123.0 and scores.l_out[-1] == 123.0  # the last row repeats the first's answer
+    assert scores.l_out_cached.tolist() == [r.output_key == rows[0].output_key for r in rows]
+    assert not scores.l_out_cached[1:-1].any()
+
+
+def test_plan_batches_bounds_padding() -> None:
+    lengths = [5, 90, 12, 300, 7, 64, 64, 1]
+    batches = plan_batches(lengths, batch_tokens=200, batch_rows=3)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for batch in batches:
+        assert len(batch) <= 3
+        assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= 200

@@ -1,0 +1,91 @@
+"""dedup -> score -> select on a copy of the small world: accounting, reruns, history, the truth."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+
+from ctune_ops.records import read_jsonl
+from ctune_ops.selection.history import History
+from ctune_ops.stages import StageError, run_stage
+from ctune_ops.workspace import Workspace
+from ctune_ops.world.selection_truth import selection_quality
+
+DATES = ("2026-01-01", "2026-01-02", "2026-01-03")
+
+
+@pytest.fixture(scope="module")
+def selected_world(small_world, tmp_path_factory):  # noqa: ANN001, ANN201
+    """A copy of the small world with every day validated, deduplicated, scored and selected; after each day
+    the selected rows are marked trained, as promotion will do."""
+    root = tmp_path_factory.mktemp("selection") / "ws"
+    shutil.copytree(small_world.root, root, symlinks=True)
+    ws = Workspace.open(root)
+    quality = {}
+    for number, date in enumerate(DATES, start=1):
+        for stage in ("validate", "dedup", "score", "select"):
+            run_stage(ws, stage, date)
+        quality[date] = selection_quality(ws, date)
+        with History(ws.history_db, ws.config.dedup) as history:
+            history.mark_trained(date, f"v{number}")
+    return ws, quality
+
+
+def test_every_accepted_row_has_one_decision(selected_world) -> None:  # noqa: ANN001
+    ws, _ = selected_world
+    for date in DATES:
+        accepted = [r["id"] for r in read_jsonl(ws.accepted(date))]
+        table = pq.read_table(ws.reports(date) / "decisions.parquet").to_pydict()
+        assert table["id"] == accepted
+        funnel = json.loads((ws.reports(date) / "selection.json").read_text())["funnel"]
+        assert funnel["unique"] + funnel["exact_duplicate"] + funnel["near_duplicate"] == funnel["accepted"]
+        decided = funnel["misaligned"] + funnel["known"] + funnel["too_novel"] + funnel["budget"] + funnel["selected"]
+        assert decided == funnel["unique"]
+        training = list(read_jsonl(ws.selected(date)))
+        assert sum(r["selection"] == "new" for r in training) == funnel["selected"]
+        assert sum(r["selection"] == "replay" for r in training) == funnel["replay"]
+        assert funnel["replay"] == round(ws.config.select.replay_ratio * funnel["selected"])
+        for name in ("l_cond", "l_out", "ppl", "ifd"):
+            scores = [v for v, d in zip(table[name], table["decision"], strict=True) if "duplicate" not in d]
+            assert all(v is not None and v > 0 for v in scores)
+
+
+def test_dedup_finds_the_injected_duplicates(selected_world) -> None:  # noqa: ANN001
+    _, quality = selected_world
+    for date, q in quality.items():
+        assert q["dedup_precision"] >= 0.95, (date, q)
+        assert q["dedup_recall"] >= 0.95, (date, q)
+        assert q["dedup_named_original"] >= 0.95, (date, q)
+
+
+def test_rerunning_a_day_changes_nothing(selected_world) -> None:  # noqa: ANN001
+    ws, _ = selected_world
+    date = DATES[1]
+    outputs = [ws.unique(date), ws.scored(date), ws.selected(date), ws.reports(date) / "decisions.parquet",
+               ws.reports(date) / "selection.json", ws.reports(date) / "dedup.json"]
+    before = [p.read_bytes() for p in outputs]
+    with History(ws.history_db, ws.config.dedup) as history:
+        rows, decisions = history.count(), history.decisions(date)
+    for stage in ("dedup", "score", "select"):
+        run_stage(ws, stage, date)
+    with History(ws.history_db, ws.config.dedup) as history:
+        assert history.count() == rows  # nothing inserted twice
+        assert history.decisions(date) == decisions  # trained rows stay trained
+    assert [p.read_bytes() for p in outputs] == before  # the day's files, byte for byte
+
+
+def test_select_needs_scores(workspace) -> None:  # noqa: ANN001
+    with pytest.raises(StageError, match="run the validate stage"):
+        run_stage(workspace, "select", "2026-01-01")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "issue 4 target not met yet: tau_known calibrated on rows the proxy was trained on verbatim sits far below "
+    "the proxy's ppl on paraphrases of the same facts, so most known-fact rows are kept"))
+def test_known_rows_dropped_new_rows_kept(selected_world) -> None:  # noqa: ANN001
+    _, quality = selected_world
+    for q in quality.values():
+        assert q["known_dropped"] >= 0.8 and q["new_kept"] >= 0.9, q
