@@ -190,7 +190,7 @@ def datasketch_dedup(days: list[list[dict[str, Any]]], config: DedupConfig) -> s
                 continue
             words = WORD.findall(record_text(row).lower())
             shingles = {" ".join(words[i : i + k]) for i in range(max(len(words) - k + 1, 1))}
-            m = MinHash(num_perm=config.num_perm, permutations=template.permutations)
+            m = MinHash(num_perm=config.num_perm, permutations=template.permutations, scheme=template.scheme)
             m.update_batch([s.encode("utf-8") for s in shingles])
             if any(m.jaccard(kept[key]) >= config.near_dup_threshold for key in lsh.query(m)):
                 dropped.add(row["id"])

@@ -2,7 +2,9 @@
 
 Until the daily DAG exists, the demo runs the parts that do: it creates (or reuses) the workspace, generates the
 world, bootstraps the models, measures the base model with lm-eval on retention and on every day's new facts (the
-baseline every later day of continual learning is measured against), and runs the validate stage on every day.
+baseline every later day of continual learning is measured against), and runs the validate, dedup, score and
+select stages on every day, printing each day's funnel and how it compares with the world's hidden truth.
+Training and promotion are not built yet, so no row becomes *trained* and nothing is learned between days.
 """
 
 from __future__ import annotations
@@ -16,6 +18,24 @@ from ctune_ops.workspace import Workspace, init_workspace
 from ctune_ops.world import evalsets
 from ctune_ops.world.generate import generate_world
 from ctune_ops.world.measure import world_task_files
+
+
+def _selection(ws: Workspace, dates: list[str]) -> None:
+    """dedup, score and select on every day; the funnel, and the truth's view of it."""
+    from ctune_ops.stages import run_stage
+    from ctune_ops.world.selection_truth import selection_quality
+
+    print("\ndedup -> score -> select per day (funnel; then the hidden truth's view):")
+    for date in dates:
+        with ws.lock(purpose=f"demo selection {date}"):
+            for stage in ("dedup", "score", "select"):
+                summary = run_stage(ws, stage, date).summary
+        print(f"  {date}: accepted {summary['accepted']} -> exact dup {summary['exact_duplicate']}, near dup "
+              f"{summary['near_duplicate']}, misaligned {summary['misaligned']}, known {summary['known']} "
+              f"(tau_known {summary['tau_known']:.3f}), selected {summary['selected']} + replay {summary['replay']}")
+        q = selection_quality(ws, date)
+        print(f"    truth: dedup precision {q['dedup_precision']:.2f} recall {q['dedup_recall']:.2f}; known-fact "
+              f"rows dropped {q['known_dropped']:.2f}; new-fact rows kept {q['new_kept']:.2f}")
 
 
 def _bootstrapped(ws: Workspace) -> bool:
@@ -74,6 +94,7 @@ def run_demo(directory: Path, days: int, seed: int | None = None) -> int:
             summary = run_stage(ws, "validate", date).summary
         reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(summary["reasons"].items()))
         print(f"  {date}: {summary['raw']} = {summary['accepted']} + {summary['quarantined']}  ({reasons})")
-    print("\nthe later stages (dedup, score, select, train, proxy, evaluate, promote) are not built yet")
+    _selection(ws, generated.dates)
+    print("\nthe later stages (train, proxy, evaluate, promote) are not built yet")
     print(f"demo finished in {time.perf_counter() - started:.0f}s; workspace: {ws.root}")
     return 0

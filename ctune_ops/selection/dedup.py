@@ -37,22 +37,27 @@ class Duplicate:
 
 
 def batch_pairs(keys: np.ndarray) -> np.ndarray:
-    """(pairs, 2) indices ``i < j`` of rows sharing at least one band key, each pair once."""
+    """(pairs, 2) indices ``i < j`` of rows sharing at least one band key, each pair once.
+
+    Keys are salted with their band, so one sort over all of them finds every group; groups of two (nearly all
+    of them) become pairs without a Python loop.
+    """
     rows, bands = keys.shape
-    found = []
-    for band in range(bands):
-        column = keys[:, band]
-        order = np.argsort(column, kind="stable")
-        ordered = column[order]
-        starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
-        sizes = np.diff(np.r_[starts, rows])
-        for start, size in zip(starts[sizes > 1], sizes[sizes > 1], strict=True):
-            members = np.sort(order[start : start + size])
-            i, j = np.triu_indices(size, k=1)
-            found.append(np.stack([members[i], members[j]], axis=1))
-    if not found:
-        return np.empty((0, 2), dtype=np.int64)
-    return np.unique(np.concatenate(found), axis=0)
+    flat = keys.ravel()
+    owner = np.repeat(np.arange(rows, dtype=np.int64), bands)
+    order = np.argsort(flat, kind="stable")
+    ordered, members = flat[order], owner[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    sizes = np.diff(np.r_[starts, len(flat)])
+    two = starts[sizes == 2]
+    found = [np.sort(np.stack([members[two], members[two + 1]], axis=1), axis=1)]
+    for start, size in zip(starts[sizes > 2].tolist(), sizes[sizes > 2].tolist(), strict=True):
+        group = np.unique(members[start : start + size])
+        i, j = np.triu_indices(len(group), k=1)
+        found.append(np.stack([group[i], group[j]], axis=1))
+    pairs = np.concatenate(found)
+    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+    return np.unique(pairs, axis=0) if len(pairs) else np.empty((0, 2), dtype=np.int64)
 
 
 def _history_duplicates(rows: Sequence[NewRow], heads: list[int], date: str, history: History, threshold: float,

@@ -28,10 +28,9 @@ from ctune_ops.records import dumps_record, fingerprint
 from ctune_ops.selection.minhash import MinHasher, band_keys, shingle_text
 from ctune_ops.workspace import BASE_VERSION
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 REFERENCE_DATE = "0000-00-00"  # rows the base model was trained on sort before every batch date
 PENDING, SELECTED, TRAINED, NOT_TRAINED, KNOWN = "pending", "selected", "trained", "not_trained", "known"
-_QUERY_CHUNK = 50_000  # band keys per temp-table round trip
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -48,9 +47,11 @@ CREATE TABLE IF NOT EXISTS rows (
 );
 CREATE INDEX IF NOT EXISTS rows_fingerprint ON rows (fingerprint);
 CREATE INDEX IF NOT EXISTS rows_decision ON rows (decision, date);
-CREATE TABLE IF NOT EXISTS bands (band INTEGER NOT NULL, key INTEGER NOT NULL, ref INTEGER NOT NULL);
-CREATE INDEX IF NOT EXISTS bands_key ON bands (band, key);
-CREATE INDEX IF NOT EXISTS bands_ref ON bands (ref);
+CREATE TABLE IF NOT EXISTS bands (
+    key INTEGER NOT NULL,  -- LSH key; salted with the band number, so equal keys mean the same band agrees
+    ref INTEGER NOT NULL,
+    PRIMARY KEY (key, ref)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS output_loss (
     output_sha TEXT NOT NULL,
     proxy_version TEXT NOT NULL,
@@ -157,7 +158,7 @@ class History:
             db.execute("DELETE FROM bands")
             db.executemany("UPDATE rows SET signature = ? WHERE ref = ?",
                            ((sig.tobytes(), ref) for ref, sig in zip(refs, signatures, strict=True)))
-            db.executemany("INSERT INTO bands VALUES (?, ?, ?)", _band_rows(refs, keys))
+            db.executemany("INSERT OR IGNORE INTO bands VALUES (?, ?)", _band_rows(refs, keys))
 
     # -- reading ----------------------------------------------------------------------------------------------
     def count(self, decision: str | None = None) -> int:
@@ -186,30 +187,35 @@ class History:
                         decisions: Sequence[str]) -> tuple[np.ndarray, list[HistoryRow]]:
         """Pairs (batch row, history row) sharing at least one LSH band key, the history row eligible.
 
-        Returns the batch indices and, aligned with them, the history rows (each with its signature).
+        Returns the batch indices and, aligned with them, the history rows (each with its signature). One
+        indexed join finds the pairs; signatures are then read once per distinct history row.
         """
         rows, bands = keys.shape
-        self.db.execute("CREATE TEMP TABLE IF NOT EXISTS query (band INTEGER, key INTEGER, item INTEGER)")
-        self.db.execute("DELETE FROM query")
-        flat = ((int(b), int(k), int(i)) for i in range(rows) for b, k in enumerate(keys[i]))
-        batch = []
-        for entry in flat:
-            batch.append(entry)
-            if len(batch) >= _QUERY_CHUNK:
-                self.db.executemany("INSERT INTO query VALUES (?, ?, ?)", batch)
-                batch = []
-        self.db.executemany("INSERT INTO query VALUES (?, ?, ?)", batch)
-        sql = (
-            "SELECT DISTINCT q.item, r.ref, r.date, r.row_id, r.decision, r.signature FROM query q "
-            "JOIN bands b ON b.band = q.band AND b.key = q.key JOIN rows r ON r.ref = b.ref "
-            f"WHERE {self._eligible(decisions)} ORDER BY q.item, r.date, r.ref"
-        )
-        items, found = [], []
-        for item, ref, date, row_id, decision, blob in self.db.execute(sql, (*decisions, before)):
-            items.append(item)
-            found.append(HistoryRow(ref, date, row_id, decision, np.frombuffer(blob, dtype=np.uint32)))
-        self.db.execute("DELETE FROM query")
-        return np.array(items, dtype=np.int64), found
+        self.db.execute("CREATE TEMP TABLE IF NOT EXISTS query (key INTEGER NOT NULL, item INTEGER NOT NULL)")
+        items = np.repeat(np.arange(rows, dtype=np.int64), bands)
+        self.db.execute("BEGIN")  # one transaction: in autocommit mode every inserted key would be its own
+        try:
+            self.db.execute("DELETE FROM query")
+            self.db.executemany("INSERT INTO query VALUES (?, ?)",
+                                zip(keys.ravel().tolist(), items.tolist(), strict=True))
+            pairs = self.db.execute(
+                "SELECT DISTINCT q.item, b.ref FROM query q JOIN bands b ON b.key = q.key").fetchall()
+            self.db.execute("DELETE FROM query")
+        finally:
+            self.db.execute("COMMIT")
+        refs = sorted({ref for _, ref in pairs})
+        eligible: dict[int, HistoryRow] = {}
+        sql = ("SELECT r.ref, r.date, r.row_id, r.decision, r.signature FROM rows r WHERE r.ref IN ({}) AND "
+               f"{self._eligible(decisions)}")
+        for start in range(0, len(refs), 500):
+            part = refs[start : start + 500]
+            for ref, date, row_id, decision, blob in self.db.execute(
+                sql.format(", ".join("?" * len(part))), (*part, *decisions, before)
+            ):
+                eligible[ref] = HistoryRow(ref, date, row_id, decision, np.frombuffer(blob, dtype=np.uint32))
+        kept = sorted((item, eligible[ref].date, ref) for item, ref in pairs if ref in eligible)
+        return (np.array([item for item, _, _ in kept], dtype=np.int64),
+                [eligible[ref] for _, _, ref in kept])
 
     def decisions(self, date: str) -> dict[str, tuple[str, str | None]]:
         """row id -> (decision, version) of the rows of ``date``."""
@@ -255,7 +261,12 @@ class History:
             for start in range(0, len(stale), 500):
                 part = stale[start : start + 500]
                 marks = ", ".join("?" * len(part))
-                db.execute(f"DELETE FROM bands WHERE ref IN ({marks})", part)
+                old = db.execute(f"SELECT ref, signature FROM rows WHERE ref IN ({marks})", part).fetchall()
+                if old:
+                    old_keys = band_keys(np.stack([np.frombuffer(b, dtype=np.uint32) for _, b in old]),
+                                         self.dedup.bands)
+                    db.executemany("DELETE FROM bands WHERE key = ? AND ref = ?",
+                                   _band_rows([ref for ref, _ in old], old_keys))
                 db.execute(f"DELETE FROM rows WHERE ref IN ({marks})", part)
             refs = []
             for row in fresh:
@@ -268,7 +279,7 @@ class History:
                 refs.append(cursor.lastrowid)
             if fresh:
                 keys = np.stack([row.keys for row in fresh])
-                db.executemany("INSERT INTO bands VALUES (?, ?, ?)", _band_rows(refs, keys))
+                db.executemany("INSERT OR IGNORE INTO bands VALUES (?, ?)", _band_rows(refs, keys))
         return {"inserted": len(fresh), "removed": len(stale), "kept": len(rows) - len(fresh)}
 
     def set_decisions(self, date: str, decisions: dict[str, tuple[str, str | None]],
@@ -323,7 +334,8 @@ class History:
                            ((sha, proxy_version, loss, tokens) for sha, (loss, tokens) in sorted(losses.items())))
 
 
-def _band_rows(refs: Sequence[int], keys: np.ndarray) -> Iterator[tuple[int, int, int]]:
-    for ref, row in zip(refs, keys, strict=True):
-        for band, key in enumerate(row.tolist()):
-            yield band, key, ref
+def _band_rows(refs: Sequence[int], keys: np.ndarray) -> list[tuple[int, int]]:
+    """(key, ref) rows of the bands table, sorted by key (inserts in index order are the cheapest)."""
+    ref_column = np.repeat(np.asarray(refs, dtype=np.int64), keys.shape[1])
+    order = np.argsort(keys.ravel(), kind="stable")
+    return list(zip(keys.ravel()[order].tolist(), ref_column[order].tolist(), strict=True))

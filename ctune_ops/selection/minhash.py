@@ -13,8 +13,10 @@ unbiased estimate of the Jaccard similarity of the shingle sets. Signatures are 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -93,20 +95,36 @@ class MinHasher:
         return (combined >> np.uint64(32)).astype(np.uint64), per_text
 
     def signatures(self, texts: Sequence[str]) -> np.ndarray:
-        """A (len(texts), num_perm) uint32 array: row i is the MinHash signature of texts[i]."""
+        """A (len(texts), num_perm) uint32 array: row i is the MinHash signature of texts[i].
+
+        The permutations run over chunks of whole texts on a thread per CPU (numpy releases the GIL in its
+        array loops). Each value is reduced before its shift: the top 32 bits of the minimum are the minimum of
+        the top 32 bits, so the minimum over 64-bit values is taken once and shifted once per row.
+        """
         out = np.empty((len(texts), self.num_perm), dtype=np.uint32)
         if not texts:
             return out
         shingles, per_text = self.shingle_hashes(texts)
         bounds = np.concatenate(([0], np.cumsum(per_text)))
-        text = 0
+        chunks, text = [], 0
         while text < len(texts):  # chunks of whole texts, each about _SHINGLES_PER_CHUNK shingles
             stop = int(np.searchsorted(bounds, bounds[text] + _SHINGLES_PER_CHUNK, side="right")) - 1
             stop = min(max(stop, text + 1), len(texts))
-            block = shingles[bounds[text] : bounds[stop], None] * self._a + self._b
-            starts = bounds[text:stop] - bounds[text]
-            out[text:stop] = (np.minimum.reduceat(block, starts, axis=0) >> np.uint64(32)).astype(np.uint32)
+            chunks.append((text, stop))
             text = stop
+
+        def run(chunk: tuple[int, int]) -> None:
+            first, stop = chunk
+            block = shingles[bounds[first] : bounds[stop], None] * self._a
+            block += self._b
+            starts = bounds[first:stop] - bounds[first]
+            out[first:stop] = np.minimum.reduceat(block, starts, axis=0) >> np.uint64(32)
+
+        if len(chunks) == 1:
+            run(chunks[0])
+        else:
+            with ThreadPoolExecutor(max_workers=min(len(chunks), os.cpu_count() or 1)) as pool:
+                list(pool.map(run, chunks))
         return out
 
 
