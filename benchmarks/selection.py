@@ -35,8 +35,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 from ctune_ops.config import DedupConfig  # noqa: E402
 from ctune_ops.records import read_jsonl  # noqa: E402
 from ctune_ops.selection.history import TRAINED, History, record_fingerprint, record_text  # noqa: E402
-from ctune_ops.selection.minhash import WORD  # noqa: E402
 from ctune_ops.workspace import Workspace  # noqa: E402
+from ctune_ops.world.stream import word_shingles  # noqa: E402
 
 MEDQUAD = Path(__file__).resolve().parents[2] / "shared" / "data" / "medquad" / "medquad_shared.jsonl"
 TARGETS = {"scoring": 8.0, "flop_share": 0.40, "dedup": 3.0}
@@ -148,11 +148,7 @@ def with_planted(rows: list[dict[str, Any]], seed: int) -> tuple[list[dict[str, 
 
 
 def exact_jaccard(a: dict[str, Any], b: dict[str, Any], k: int) -> float:
-    def shingles(r: dict[str, Any]) -> set[str]:
-        words = WORD.findall(record_text(r).lower())
-        return {" ".join(words[i : i + k]) for i in range(max(len(words) - k + 1, 1))}
-
-    sa, sb = shingles(a), shingles(b)
+    sa, sb = word_shingles(record_text(a), k), word_shingles(record_text(b), k)
     return len(sa & sb) / len(sa | sb)
 
 
@@ -188,8 +184,7 @@ def datasketch_dedup(days: list[list[dict[str, Any]]], config: DedupConfig) -> s
             if fp in fingerprints:
                 dropped.add(row["id"])
                 continue
-            words = WORD.findall(record_text(row).lower())
-            shingles = {" ".join(words[i : i + k]) for i in range(max(len(words) - k + 1, 1))}
+            shingles = word_shingles(record_text(row), k)
             m = MinHash(num_perm=config.num_perm, permutations=template.permutations, scheme=template.scheme)
             m.update_batch([s.encode("utf-8") for s in shingles])
             if any(m.jaccard(kept[key]) >= config.near_dup_threshold for key in lsh.query(m)):

@@ -31,6 +31,7 @@ from ctune_ops.workspace import BASE_VERSION
 SCHEMA_VERSION = "2"
 REFERENCE_DATE = "0000-00-00"  # rows the base model was trained on sort before every batch date
 PENDING, SELECTED, TRAINED, NOT_TRAINED, KNOWN = "pending", "selected", "trained", "not_trained", "known"
+_IN_LIST = 500  # values per SQL IN (...) list
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -176,8 +177,7 @@ class History:
         unique = sorted(set(fingerprints))
         sql = (f"SELECT r.fingerprint, r.date, r.row_id FROM rows r WHERE r.fingerprint IN ({{}}) AND "
                f"{self._eligible(decisions)} ORDER BY r.date, r.ref")
-        for start in range(0, len(unique), 500):
-            part = unique[start : start + 500]
+        for part in _chunks(unique):
             query = sql.format(", ".join("?" * len(part)))
             for fp, date, row_id in self.db.execute(query, (*part, *decisions, before)):
                 found.setdefault(fp, (date, row_id))
@@ -207,8 +207,7 @@ class History:
         eligible: dict[int, HistoryRow] = {}
         sql = ("SELECT r.ref, r.date, r.row_id, r.decision, r.signature FROM rows r WHERE r.ref IN ({}) AND "
                f"{self._eligible(decisions)}")
-        for start in range(0, len(refs), 500):
-            part = refs[start : start + 500]
+        for part in _chunks(refs):
             for ref, date, row_id, decision, blob in self.db.execute(
                 sql.format(", ".join("?" * len(part))), (*part, *decisions, before)
             ):
@@ -228,8 +227,7 @@ class History:
         refs = [ref for (ref,) in self.db.execute(query, (decision, before) if before else (decision,))]
         chosen = sorted(random.Random(seed).sample(refs, min(count, len(refs))))
         records = []
-        for start in range(0, len(chosen), 500):
-            part = chosen[start : start + 500]
+        for part in _chunks(chosen):
             sql = f"SELECT record FROM rows WHERE ref IN ({', '.join('?' * len(part))}) ORDER BY ref"
             records += [json.loads(text) for (text,) in self.db.execute(sql, part)]
         return records
@@ -258,8 +256,7 @@ class History:
                   if row.row_id in existing and existing[row.row_id][1] != row.fingerprint]
         fresh = [row for row in rows if row.row_id not in existing or existing[row.row_id][1] != row.fingerprint]
         with self.transaction() as db:
-            for start in range(0, len(stale), 500):
-                part = stale[start : start + 500]
+            for part in _chunks(stale):
                 marks = ", ".join("?" * len(part))
                 old = db.execute(f"SELECT ref, signature FROM rows WHERE ref IN ({marks})", part).fetchall()
                 if old:
@@ -321,8 +318,7 @@ class History:
     def cached_losses(self, output_shas: Sequence[str], proxy_version: str) -> dict[str, tuple[float, int]]:
         found: dict[str, tuple[float, int]] = {}
         unique = sorted(set(output_shas))
-        for start in range(0, len(unique), 500):
-            part = unique[start : start + 500]
+        for part in _chunks(unique):
             sql = (f"SELECT output_sha, loss, tokens FROM output_loss WHERE proxy_version = ? "
                    f"AND output_sha IN ({', '.join('?' * len(part))})")
             found.update({sha: (loss, tokens) for sha, loss, tokens in self.db.execute(sql, (proxy_version, *part))})
@@ -332,6 +328,12 @@ class History:
         with self.transaction() as db:
             db.executemany("INSERT OR IGNORE INTO output_loss VALUES (?, ?, ?, ?)",
                            ((sha, proxy_version, loss, tokens) for sha, (loss, tokens) in sorted(losses.items())))
+
+
+def _chunks(values: Sequence[Any]) -> Iterator[Sequence[Any]]:
+    """Slices of at most _IN_LIST values: SQLite caps the parameters of one statement."""
+    for start in range(0, len(values), _IN_LIST):
+        yield values[start : start + _IN_LIST]
 
 
 def _band_rows(refs: Sequence[int], keys: np.ndarray) -> list[tuple[int, int]]:

@@ -26,11 +26,16 @@ REPORT_FILE = "dedup.json"
 log = logging.getLogger(__name__)
 
 
-def read_stage_input(path: Path, ws: Workspace, producer: str) -> list[dict[str, Any]]:
-    """The rows of a file an earlier stage wrote; a clear error when that stage has not run for the day."""
+def require_input(path: Path, ws: Workspace, producer: str) -> Path:
+    """``path``, written by an earlier stage; a clear error when that stage has not run for the day."""
     if not path.exists():
         raise StageError(f"{path.relative_to(ws.root)} does not exist: run the {producer} stage for this date first")
-    return list(read_jsonl(path))
+    return path
+
+
+def read_stage_input(path: Path, ws: Workspace, producer: str) -> list[dict[str, Any]]:
+    """The rows of a JSONL file an earlier stage wrote."""
+    return list(read_jsonl(require_input(path, ws, producer)))
 
 
 def write_report(path: Path, report: dict[str, Any]) -> None:

@@ -24,7 +24,7 @@ from ctune_ops.selection.history import KNOWN, TRAINED
 from ctune_ops.selection.policy import POLICY_DECISIONS, decide
 from ctune_ops.stages import StageError, StageResult
 from ctune_ops.stages.dedup import REPORT_FILE as DEDUP_REPORT
-from ctune_ops.stages.dedup import open_history, read_stage_input, write_report
+from ctune_ops.stages.dedup import open_history, read_stage_input, require_input, write_report
 from ctune_ops.stages.score import calibration_path, write_parquet
 from ctune_ops.workspace import Workspace
 
@@ -38,9 +38,7 @@ log = logging.getLogger(__name__)
 def _read_parquet(path: Any, ws: Workspace, producer: str) -> dict[str, list[Any]]:
     import pyarrow.parquet as pq
 
-    if not path.exists():
-        raise StageError(f"{path.relative_to(ws.root)} does not exist: run the {producer} stage for this date first")
-    return pq.read_table(path).to_pydict()
+    return pq.read_table(require_input(path, ws, producer)).to_pydict()
 
 
 def _summary(values: np.ndarray) -> dict[str, float] | None:
@@ -55,9 +53,7 @@ def run(ws: Workspace, date: str) -> StageResult:
     config = ws.config.select
     accepted = read_stage_input(ws.accepted(date), ws, "validate")
     unique = read_stage_input(ws.unique(date), ws, "dedup")
-    dedup_path = ws.reports(date) / DEDUP_REPORT
-    if not dedup_path.exists():
-        raise StageError(f"{dedup_path.relative_to(ws.root)} does not exist: run the dedup stage for this date first")
+    dedup_path = require_input(ws.reports(date) / DEDUP_REPORT, ws, "dedup")
     drops = {d["row_id"]: d for d in json.loads(dedup_path.read_text(encoding="utf-8"))["drops"]}
     scored = _read_parquet(ws.scored(date), ws, "score")
     calibration = _read_parquet(calibration_path(ws, date), ws, "score")
