@@ -244,11 +244,11 @@ class BootstrapConfig(_Strict):
     threads: int = Field(default=0, ge=0, description="torch threads; 0 = all cores")
     base: TinyModelConfig = TinyModelConfig(
         hidden_size=256, num_layers=5, num_heads=4, intermediate_size=704,
-        epochs=20, learning_rate=2e-3, batch_size=16,
+        epochs=5, learning_rate=2e-3, batch_size=16,
     )
     proxy: TinyModelConfig = TinyModelConfig(
         hidden_size=128, num_layers=4, num_heads=4, intermediate_size=352,
-        epochs=24, learning_rate=4e-3, batch_size=16, tie_embeddings=True,
+        epochs=6, learning_rate=4e-3, batch_size=16, tie_embeddings=True,
     )
 
 
@@ -418,7 +418,7 @@ class SelectConfig(_Strict):
     """
 
     ifd_max: float = Field(default=1.0, gt=0.0)
-    known_quantile: float = Field(default=0.9, gt=0.0, le=1.0)
+    known_quantile: float = Field(default=0.98, gt=0.0, le=1.0)
     calibration_rows: int = Field(default=512, ge=1)
     too_novel_quantile: float | None = Field(default=None, gt=0.0, lt=1.0)
     max_rows: int | None = Field(default=None, ge=1)

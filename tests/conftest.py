@@ -40,9 +40,9 @@ def set_params(ws: Workspace, updates: dict[str, Any]) -> Workspace:
 SMALL_WORLD = {
     "world": {"rows_per_day": 100},
     "bootstrap": {
-        "base": {"hidden_size": 128, "num_layers": 4, "intermediate_size": 352, "epochs": 14,
+        "base": {"hidden_size": 128, "num_layers": 4, "intermediate_size": 352, "epochs": 4,
                  "learning_rate": 0.004, "tie_embeddings": True},
-        "proxy": {"hidden_size": 64, "num_layers": 2, "intermediate_size": 176, "epochs": 6},
+        "proxy": {"hidden_size": 64, "num_layers": 2, "intermediate_size": 176, "epochs": 5},
     },
 }
 

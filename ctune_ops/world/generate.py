@@ -25,14 +25,20 @@ MANIFEST = "manifest.json"
 
 
 def corpus_rows(kb: KnowledgeBase, config: CtuneConfig) -> list[dict[str, Any]]:
-    """Day-0 corpus: every known fact in each of its training wordings (what the base model knows)."""
+    """Day-0 corpus: every known fact in every pairing of its training question and answer wordings.
+
+    Why every pairing: a model that saw each question with one fixed answer wording memorises the pairing, so its
+    perplexity on the rows it was trained on (~1.0) says nothing about its perplexity on a known fact asked in
+    another wording (where which answer wording comes is genuinely uncertain). Trained on every pairing, the base
+    model and the proxy know the fact, not the string, and the rows trained into production carry the same wording
+    uncertainty as tomorrow's paraphrases -- which is what calibrating tau_known on trained rows assumes."""
     world = config.world
     rows = []
     for fact in kb.known:
         questions, answers = fact.wordings("train", world)
         for j, question in enumerate(questions):
-            answer = answers[j % len(answers)]
-            rows.append({"id": f"day0-{fact.id}-{j}", **render(fact, question, answer), "fact_id": fact.id})
+            for k, answer in enumerate(answers):
+                rows.append({"id": f"day0-{fact.id}-{j}-{k}", **render(fact, question, answer), "fact_id": fact.id})
     return rows
 
 
