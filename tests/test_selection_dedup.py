@@ -100,7 +100,7 @@ def test_dedup_stage_rules(workspace) -> None:  # noqa: ANN001
         assert history.count() == 3
         history.set_decisions("2026-01-01", {"a": (TRAINED, "v1"), "b": ("misaligned", None)})
     day2 = [
-        _record("f", LONG + " today", ANSWER),  # near a (trained): dropped against history
+        _record("f", "Quick question: " + LONG, ANSWER),  # near a (trained, Jaccard 0.94): dropped against history
         _record("g", "which test confirms pelvic marrow syndrome in adults", "the marrow biopsy confirms it"),
         _record("h", LONG, ANSWER),  # exact a
     ]

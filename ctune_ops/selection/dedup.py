@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ctune_ops.selection.history import History, NewRow
-from ctune_ops.selection.minhash import estimated_jaccard
+from ctune_ops.selection.minhash import pair_jaccard
 
 EXACT, NEAR = "exact_duplicate", "near_duplicate"
 BATCH, HISTORY = "batch", "history"
@@ -36,11 +36,21 @@ class Duplicate:
         return asdict(self)
 
 
+def _group_pairs(starts: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions ``(p, q)``, ``p < q``, of every pair inside each group ``[start, start + size)``, without a loop:
+    each member is repeated once per later member of its group, then offset by 1, 2, ... to that member."""
+    member = np.repeat(starts, sizes) + (np.arange(sizes.sum()) - np.repeat(np.cumsum(sizes) - sizes, sizes))
+    later = np.repeat(starts + sizes, sizes) - member - 1
+    first = np.repeat(member, later)
+    offset = np.arange(later.sum()) - np.repeat(np.cumsum(later) - later, later) + 1
+    return first, first + offset
+
+
 def batch_pairs(keys: np.ndarray) -> np.ndarray:
     """(pairs, 2) indices ``i < j`` of rows sharing at least one band key, each pair once.
 
-    Keys are salted with their band, so one sort over all of them finds every group; groups of two (nearly all
-    of them) become pairs without a Python loop.
+    Keys are salted with their band, so one sort over all of them finds every group, and every group (of any
+    size) becomes its pairs with array arithmetic.
     """
     rows, bands = keys.shape
     flat = keys.ravel()
@@ -49,15 +59,11 @@ def batch_pairs(keys: np.ndarray) -> np.ndarray:
     ordered, members = flat[order], owner[order]
     starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
     sizes = np.diff(np.r_[starts, len(flat)])
-    two = starts[sizes == 2]
-    found = [np.sort(np.stack([members[two], members[two + 1]], axis=1), axis=1)]
-    for start, size in zip(starts[sizes > 2].tolist(), sizes[sizes > 2].tolist(), strict=True):
-        group = np.unique(members[start : start + size])
-        i, j = np.triu_indices(len(group), k=1)
-        found.append(np.stack([group[i], group[j]], axis=1))
-    pairs = np.concatenate(found)
-    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
-    return np.unique(pairs, axis=0) if len(pairs) else np.empty((0, 2), dtype=np.int64)
+    shared = sizes > 1
+    first, second = _group_pairs(starts[shared], sizes[shared])
+    low, high = np.minimum(members[first], members[second]), np.maximum(members[first], members[second])
+    code = np.unique(low[low != high] * rows + high[low != high])  # one int64 per pair: a fast unique
+    return np.stack([code // rows, code % rows], axis=1)
 
 
 def _history_duplicates(rows: Sequence[NewRow], heads: list[int], date: str, history: History, threshold: float,
@@ -71,17 +77,18 @@ def _history_duplicates(rows: Sequence[NewRow], heads: list[int], date: str, his
     open_heads = [i for i in heads if result[i] is None]
     if not open_heads:
         return
-    items, found = history.band_candidates(np.stack([rows[i].keys for i in open_heads]), date, eligible)
+    items, slots, candidates = history.band_candidates(np.stack([rows[i].keys for i in open_heads]), date, eligible)
     if not len(items):
         return
-    mine = np.stack([rows[open_heads[i]].signature for i in items])
-    scores = estimated_jaccard(mine, np.stack([h.signature for h in found]))
-    best: dict[int, tuple[float, int]] = {}
-    for k, (item, score) in enumerate(zip(items.tolist(), scores.tolist(), strict=True)):
-        if score >= threshold and score > best.get(item, (-1.0, 0))[0]:
-            best[item] = (score, k)
-    for item, (score, k) in best.items():
-        index, match = open_heads[item], found[k]
+    scores = pair_jaccard(np.stack([rows[i].signature for i in open_heads]), items, slots,
+                          np.stack([c.signature for c in candidates]))
+    best: dict[int, tuple[float, int]] = {}  # first of the highest scores: pairs come in (item, date, ref) order
+    close = np.flatnonzero(scores >= threshold)
+    for item, score, slot in zip(items[close].tolist(), scores[close].tolist(), slots[close].tolist(), strict=True):
+        if score > best.get(item, (-1.0, 0))[0]:
+            best[item] = (score, slot)
+    for item, (score, slot) in best.items():
+        index, match = open_heads[item], candidates[slot]
         result[index] = Duplicate(rows[index].row_id, NEAR, HISTORY, match.row_id, match.date, score)
 
 
@@ -94,7 +101,7 @@ def _batch_duplicates(rows: Sequence[NewRow], standing: list[int], date: str, th
     if not len(pairs):
         return
     signatures = np.stack([rows[i].signature for i in standing])
-    scores = estimated_jaccard(signatures[pairs[:, 0]], signatures[pairs[:, 1]])
+    scores = pair_jaccard(signatures, pairs[:, 0], pairs[:, 1])
     close = scores >= threshold
     earlier: dict[int, list[tuple[int, float]]] = {}
     for (i, j), score in zip(pairs[close].tolist(), scores[close].tolist(), strict=True):

@@ -25,7 +25,7 @@ import numpy as np
 
 from ctune_ops.config import DedupConfig
 from ctune_ops.records import dumps_record, fingerprint
-from ctune_ops.selection.minhash import MinHasher, band_keys, shingle_text
+from ctune_ops.selection.minhash import HASH_SCHEME, MinHasher, band_keys, shingle_text
 from ctune_ops.workspace import BASE_VERSION
 
 SCHEMA_VERSION = "2"
@@ -137,7 +137,7 @@ class History:
     # -- settings ---------------------------------------------------------------------------------------------
     def _settings(self) -> dict[str, str]:
         d = self.dedup
-        return {"schema": SCHEMA_VERSION, "num_perm": str(d.num_perm), "bands": str(d.bands),
+        return {"schema": SCHEMA_VERSION, "hash": HASH_SCHEME, "num_perm": str(d.num_perm), "bands": str(d.bands),
                 "shingle_words": str(d.shingle_words), "seed": str(d.seed)}
 
     def _check_meta(self) -> None:
@@ -184,11 +184,13 @@ class History:
         return found
 
     def band_candidates(self, keys: np.ndarray, before: str,
-                        decisions: Sequence[str]) -> tuple[np.ndarray, list[HistoryRow]]:
+                        decisions: Sequence[str]) -> tuple[np.ndarray, np.ndarray, list[HistoryRow]]:
         """Pairs (batch row, history row) sharing at least one LSH band key, the history row eligible.
 
-        Returns the batch indices and, aligned with them, the history rows (each with its signature). One
-        indexed join finds the pairs; signatures are then read once per distinct history row.
+        Returns ``(items, slots, candidates)``: pair k joins batch row ``items[k]`` and ``candidates[slots[k]]``;
+        candidates are the distinct eligible history rows (each with its signature) in (date, ref) order, and the
+        pairs are sorted by item, then candidate. One indexed join finds the pairs; signatures are read once per
+        distinct history row.
         """
         rows, bands = keys.shape
         self.db.execute("CREATE TEMP TABLE IF NOT EXISTS query (key INTEGER NOT NULL, item INTEGER NOT NULL)")
@@ -198,23 +200,26 @@ class History:
             self.db.execute("DELETE FROM query")
             self.db.executemany("INSERT INTO query VALUES (?, ?)",
                                 zip(keys.ravel().tolist(), items.tolist(), strict=True))
-            pairs = self.db.execute(
-                "SELECT DISTINCT q.item, b.ref FROM query q JOIN bands b ON b.key = q.key").fetchall()
+            pairs = np.array(self.db.execute(
+                "SELECT DISTINCT q.item, b.ref FROM query q JOIN bands b ON b.key = q.key").fetchall(),
+                dtype=np.int64).reshape(-1, 2)
             self.db.execute("DELETE FROM query")
         finally:
             self.db.execute("COMMIT")
-        refs = sorted({ref for _, ref in pairs})
         eligible: dict[int, HistoryRow] = {}
         sql = ("SELECT r.ref, r.date, r.row_id, r.decision, r.signature FROM rows r WHERE r.ref IN ({}) AND "
                f"{self._eligible(decisions)}")
-        for part in _chunks(refs):
+        for part in _chunks(np.unique(pairs[:, 1]).tolist()):
             for ref, date, row_id, decision, blob in self.db.execute(
                 sql.format(", ".join("?" * len(part))), (*part, *decisions, before)
             ):
                 eligible[ref] = HistoryRow(ref, date, row_id, decision, np.frombuffer(blob, dtype=np.uint32))
-        kept = sorted((item, eligible[ref].date, ref) for item, ref in pairs if ref in eligible)
-        return (np.array([item for item, _, _ in kept], dtype=np.int64),
-                [eligible[ref] for _, _, ref in kept])
+        candidates = sorted(eligible.values(), key=lambda row: (row.date, row.ref))
+        slot_of = {row.ref: slot for slot, row in enumerate(candidates)}
+        pairs = pairs[np.isin(pairs[:, 1], np.fromiter(slot_of, dtype=np.int64, count=len(slot_of)))]
+        slots = np.fromiter((slot_of[ref] for ref in pairs[:, 1].tolist()), dtype=np.int64, count=len(pairs))
+        order = np.lexsort((slots, pairs[:, 0]))
+        return pairs[order, 0], slots[order], candidates
 
     def decisions(self, date: str) -> dict[str, tuple[str, str | None]]:
         """row id -> (decision, version) of the rows of ``date``."""
