@@ -428,6 +428,149 @@ class SelectConfig(_Strict):
     trained_reference: str | None = "world/corpus/day0.jsonl"
 
 
+
+# All attention and MLP projections of a Llama-style model: LoRA on every projection teaches a small model new
+# facts far better than attention alone (issue 5's trial: r=32 on all of them, in-family paraphrases 25% -> 60%).
+LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# A Kubernetes resource quantity ("4", "500m", "32Gi", "1.5", "1e3"), as the API server parses it.
+_K8S_QUANTITY = re.compile(r"\+?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+|[KMGTPE]i|[mkMGTPE])?")
+# A DNS-1123 label: what namespaces and PersistentVolumeClaim names must be.
+_K8S_LABEL = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?")
+GPU_RESOURCE = "nvidia.com/gpu"
+
+
+def _check_quantities(value: dict[str, str]) -> dict[str, str]:
+    for name, quantity in value.items():
+        if name == GPU_RESOURCE:
+            raise ValueError(f"do not list {GPU_RESOURCE} here; set train.kubernetes.gpus instead")
+        if not _K8S_QUANTITY.fullmatch(quantity):
+            raise ValueError(f"{name} is {quantity!r}, not a Kubernetes quantity such as '4', '500m' or '32Gi'")
+    return value
+
+
+class LoraSettings(_Strict):
+    """The LoRA adapter created when nothing is deployed yet; a deployed adapter keeps its own shape."""
+
+    rank: int = Field(default=32, gt=0)
+    alpha: float = Field(default=64.0, gt=0, description="scaling numerator: the update is scaled by alpha/rank")
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: list(LLAMA_PROJECTIONS), min_length=1)
+
+    @field_validator("target_modules")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value) or not all(name.strip() for name in value):
+            raise ValueError(f"target_modules must be distinct, non-blank module names, got {value}")
+        return value
+
+
+class Toleration(_Strict):
+    """A Kubernetes toleration, so the training pod may run on tainted (GPU) nodes."""
+
+    key: str
+    operator: Literal["Equal", "Exists"] = "Exists"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+
+    @model_validator(mode="after")
+    def _value_matches_operator(self) -> Toleration:
+        if self.operator == "Exists" and self.value is not None:
+            raise ValueError("a toleration with operator Exists takes no value")
+        if self.operator == "Equal" and self.value is None:
+            raise ValueError("a toleration with operator Equal needs a value")
+        return self
+
+
+class KubernetesTrainConfig(_Strict):
+    """The training pod of ``train.backend: kubernetes`` (``ctune_ops.airflow.kubernetes``).
+
+    The pod runs the ctune image with the workspace's PersistentVolumeClaim mounted at ``workspace_mount_path``
+    and a memory-backed ``/dev/shm`` of ``shm_size`` (a container's default 64 MiB breaks data loader workers and
+    NCCL). ``gpus`` become the container's ``nvidia.com/gpu`` limit; ``requests``/``limits`` hold cpu and memory.
+    ``schedule_timeout_seconds`` bounds the wait for a GPU node (an autoscaler may need minutes to add one);
+    ``startup_timeout_seconds`` the wait from scheduled to running (pulling a CUDA image takes a while).
+    """
+
+    image: str = Field(default="ctune:latest", min_length=1)
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    namespace: str = "ctune"
+    kubernetes_conn_id: str = "kubernetes_default"
+    service_account: str | None = None
+    gpus: int = Field(default=1, ge=0)
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(
+        default_factory=lambda: [Toleration(key=GPU_RESOURCE, operator="Exists", effect="NoSchedule")]
+    )
+    pvc_claim: str = "ctune-workspace"
+    workspace_mount_path: str = "/workspace"
+    shm_size: str = "8Gi"
+    startup_timeout_seconds: int = Field(default=600, gt=0)
+    schedule_timeout_seconds: int = Field(default=1800, gt=0)
+    requests: dict[str, str] = Field(default_factory=lambda: {"cpu": "4", "memory": "32Gi"})
+    limits: dict[str, str] = Field(default_factory=lambda: {"memory": "48Gi"})
+    run_as_user: int = Field(default=1000, ge=1, description="the image's non-root user")
+    fs_group: int | None = Field(default=1000, ge=0, description="group that owns files on the PVC")
+    on_finish_action: Literal["delete_pod", "delete_succeeded_pod", "delete_active_pod", "keep_pod"] = (
+        "delete_succeeded_pod"
+    )
+
+    @field_validator("namespace", "pvc_claim")
+    @classmethod
+    def _dns_label(cls, value: str) -> str:
+        if not _K8S_LABEL.fullmatch(value):
+            raise ValueError(f"{value!r} is not a DNS-1123 label (lower-case letters, digits and '-')")
+        return value
+
+    @field_validator("workspace_mount_path")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        if not value.startswith("/") or value.rstrip("/") == "":
+            raise ValueError(f"{value!r} must be an absolute path other than /")
+        return value.rstrip("/")
+
+    @field_validator("shm_size")
+    @classmethod
+    def _shm_quantity(cls, value: str) -> str:
+        _check_quantities({"shm_size": value})
+        return value
+
+    @field_validator("requests", "limits")
+    @classmethod
+    def _quantities(cls, value: dict[str, str]) -> dict[str, str]:
+        return _check_quantities(value)
+
+
+class TrainHyperparameters(_Strict):
+    """What decides the trained adapter (a training spec records exactly these; a checkpoint is only resumed by a
+    run with the same ones). One optimizer step sees ``batch_size * grad_accumulation`` rows; the loss is the
+    mean over response tokens (prompt tokens carry no loss). The learning rate warms up linearly over
+    ``warmup_fraction`` of the steps, then decays to 0 (``cosine`` or ``linear``)."""
+
+    lora: LoraSettings = LoraSettings()
+    learning_rate: float = Field(default=5e-4, gt=0)
+    schedule: Literal["cosine", "linear"] = "cosine"
+    epochs: int = Field(default=15, ge=1)
+    batch_size: int = Field(default=8, ge=1)
+    grad_accumulation: int = Field(default=1, ge=1)
+    max_length: int = Field(default=256, gt=8, description="tokens; longer rows keep the prompt, lose output tail")
+    warmup_fraction: float = Field(default=0.05, ge=0, lt=1)
+    weight_decay: float = Field(default=0.0, ge=0)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    checkpoint_every_steps: int = Field(default=50, ge=1)
+    seed: int = 0
+
+
+class TrainConfig(TrainHyperparameters):
+    """The ``train`` stage (DESIGN §3.5): continue LoRA training of the production adapter on the day's rows.
+
+    ``backend: local`` trains in a subprocess of the stage; ``kubernetes`` trains in a GPU pod built by
+    ``ctune_ops.airflow.kubernetes.training_pod_operator`` (the stage itself then refuses to run).
+    """
+
+    backend: Literal["local", "kubernetes"] = "local"
+    threads: int = Field(default=0, ge=0, description="torch CPU threads; 0 leaves torch's default")
+    kubernetes: KubernetesTrainConfig = KubernetesTrainConfig()
+
 with warnings.catch_warnings():
     # The section is named like its stage; the only thing it shadows is pydantic v1's deprecated
     # ``BaseModel.validate`` classmethod, which ctune never calls.
@@ -445,6 +588,7 @@ with warnings.catch_warnings():
         dedup: DedupConfig = DedupConfig()
         score: ScoreConfig = ScoreConfig()
         select: SelectConfig = SelectConfig()
+        train: TrainConfig = TrainConfig()
 
 
 def _key_line(root: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:

@@ -24,6 +24,7 @@ _IMPLEMENTED = {
     "dedup": "ctune_ops.stages.dedup:run",
     "score": "ctune_ops.stages.score:run",
     "select": "ctune_ops.stages.select:run",
+    "train": "ctune_ops.stages.train:run",
 }
 
 

@@ -1,0 +1,322 @@
+"""LoRA training (issue 5): response-only labels, resumable after SIGKILL, continuing the production adapter, the
+train stage and its report. Everything runs on a tiny Llama (tens of thousands of parameters) with a tokenizer
+trained on the test's own text, so each test takes seconds on two cores."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ctune_ops.records import write_jsonl
+from ctune_ops.stages import StageError, run_stage
+from ctune_ops.training.checkpoint import STATE_FILE
+from ctune_ops.training.data import IGNORE_INDEX, encode_examples, plan_batches
+from ctune_ops.training.spec import DEPLOYED_ADAPTER, spec_for_day, spec_path, write_spec
+from ctune_ops.workspace import Workspace, init_workspace
+
+from .conftest import set_params
+
+DATE = "2026-01-02"
+DRUGS = ("Zorvax", "Quenmid", "Plarotin", "Vexulan", "Drimacor", "Telvoxa")
+CONDITIONS = ("Harnel syndrome", "Osk fever", "Bramwell palsy", "Tirith disease", "Culver rash", "Mennet ague")
+DOSES = ("40 mg", "15 mg", "250 mg", "2 g", "75 mg", "5 mg")
+# initializer_range 0.3, not Llama's 0.02: the embeddings, final norm and head stay frozen under LoRA, and with
+# 0.02-sized head rows no hidden state can give a logit above ~0.6, so an untrained tiny base could never learn
+TINY_MODEL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "num_key_value_heads": 2, "max_position_embeddings": 128, "initializer_range": 0.3}
+TINY_VOCAB = 420
+REPORT_FIELDS = {"rows", "tokens_seen", "response_tokens", "steps", "epochs", "wall_s", "loss_curve", "device",
+                 "dtype", "resumed_from", "continued_from", "lora", "adapter", "spec_hash", "first_loss",
+                 "final_loss"}
+KILL_WAIT_S = 120
+
+
+def fact_rows() -> list[dict[str, Any]]:
+    """Rows teaching new facts: which drug treats which condition, and its dose (two wordings each)."""
+    rows = []
+    for k, (drug, condition, dose) in enumerate(zip(DRUGS, CONDITIONS, DOSES, strict=True)):
+        rows += [
+            {"id": f"t{k}", "instruction": f"Which drug treats {condition}?", "input": "",
+             "output": f"{condition} is treated with {drug}.", "selection": "new"},
+            {"id": f"u{k}", "instruction": f"What is {condition} treated with?", "input": "",
+             "output": f"{drug} treats {condition}.", "selection": "new"},
+            {"id": f"d{k}", "instruction": "What is the usual dose?", "input": drug,
+             "output": f"The usual dose of {drug} is {dose}.", "selection": "replay"},
+        ]
+    return rows
+
+
+def _build_tiny_base(directory: Path) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ctune_ops.config import PromptConfig
+    from ctune_ops.world.bootstrap import train_tokenizer, training_text
+
+    prompt = PromptConfig()
+    texts = [training_text(row, prompt) for row in fact_rows()] * 3
+    tokenizer = train_tokenizer(texts, TINY_VOCAB, TINY_MODEL["max_position_embeddings"], directory)
+    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **TINY_MODEL)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(directory, safe_serialization=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_ws(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
+    """A workspace with a tiny base model and small, fast training settings (copied by each test)."""
+    ws = init_workspace(tmp_path_factory.mktemp("tiny") / "ws").workspace
+    _build_tiny_base(ws.root / "models" / "base")
+    return set_params(ws, {"train": {
+        "lora": {"rank": 8, "alpha": 16.0, "dropout": 0.1}, "learning_rate": 0.01, "epochs": 12,
+        "batch_size": 4, "max_length": 96, "checkpoint_every_steps": 10, "threads": 1,
+    }})
+
+
+@pytest.fixture
+def ws(tiny_ws: Workspace, tmp_path: Path) -> Workspace:
+    shutil.copytree(tiny_ws.root, tmp_path / "ws", symlinks=True)
+    return Workspace(tmp_path / "ws")
+
+
+def _write_day(ws: Workspace, rows: list[dict[str, Any]]) -> None:
+    write_jsonl(ws.selected(DATE), rows)
+
+
+def _adapter_tensors(folder: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+def _response_nll(ws: Workspace, adapter: Path | None) -> float:
+    """Mean NLL per response token of the day's rows under the base (+ adapter)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ctune_ops.records import read_jsonl
+    from ctune_ops.training.data import collate
+    from ctune_ops.training.loop import Runtime, response_loss_sum
+
+    base = ws.root / "models" / "base"
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+    model.eval()
+    examples = encode_examples(tokenizer, list(read_jsonl(ws.selected(DATE))), ws.config.models.prompt, 96)
+    batch = list(range(len(examples)))
+    with torch.no_grad():
+        total = response_loss_sum(model, *collate(examples, batch, tokenizer.pad_token_id), Runtime("cpu", "float32",
+                                                                                                    None))
+    return float(total) / sum(e.response_tokens for e in examples)
+
+
+def _make_deployed_adapter(ws: Workspace, rank: int) -> Path:
+    """A 'promoted' adapter in models/deployed whose B matrices are non-zero (so it changes the model)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(7)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(ws.root / "models" / "base"),
+                           LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.02)
+    model.save_pretrained(ws.root / DEPLOYED_ADAPTER, safe_serialization=True)
+    return ws.root / DEPLOYED_ADAPTER
+
+
+def test_labels_cover_only_the_response(ws: Workspace) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(ws.root / "models" / "base")
+    prompt = ws.config.models.prompt
+    rows = fact_rows()
+    for row, example in zip(rows, encode_examples(tokenizer, rows, prompt, 96), strict=True):
+        n_prompt = len(tokenizer(prompt.render(row["instruction"], row["input"]))["input_ids"])
+        assert example.labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
+        assert example.labels[n_prompt:] == example.input_ids[n_prompt:]
+        assert example.input_ids[-1] == tokenizer.eos_token_id and not example.truncated
+        assert tokenizer.decode(example.input_ids[n_prompt:-1]) == row["output"]
+    long_row = {**rows[0], "output": " ".join([rows[0]["output"]] * 20)}
+    (cut,) = encode_examples(tokenizer, [long_row], prompt, 40)
+    assert len(cut.input_ids) == 40 and cut.truncated == "output" and cut.labels[0] == IGNORE_INDEX
+
+    lengths = [len(e.input_ids) for e in encode_examples(tokenizer, rows, prompt, 96)]
+    plan = plan_batches(lengths, 4, 3, seed=5)
+    assert plan == plan_batches(lengths, 4, 3, seed=5) != plan_batches(lengths, 4, 3, seed=6)
+    per_epoch = len(plan) // 3
+    for epoch in range(3):
+        assert sorted(i for batch in plan[epoch * per_epoch:(epoch + 1) * per_epoch] for i in batch) == list(
+            range(len(rows)))
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(ws: Workspace, tmp_path: Path) -> None:
+    import torch
+
+    from ctune_ops.training.loop import run_training
+
+    ws = set_params(ws, {"train": {"epochs": 40}})  # 18 rows / 4 -> 5 micro-batches x 40 = 200 steps
+    reference_ws = Workspace(Path(shutil.copytree(ws.root, tmp_path / "reference", symlinks=True)))
+    for target in (ws, reference_ws):
+        _write_day(target, fact_rows())
+    reference = run_training(spec_for_day(reference_ws, DATE), reference_ws.root, progress=lambda _: None)
+
+    spec = write_spec(spec_for_day(ws, DATE), spec_path(ws, DATE))
+    command = [sys.executable, "-m", "ctune_ops.training", "--spec", str(spec)]
+    checkpoints = ws.candidates(DATE) / "checkpoints"
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + KILL_WAIT_S
+    while not any(checkpoints.glob("step-*/" + STATE_FILE)):
+        assert process.poll() is None, f"training ended before its first checkpoint: {process.stdout.read()}"
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.communicate()
+    assert process.returncode == -signal.SIGKILL
+    assert not (ws.candidates(DATE) / "adapter").exists()  # killed mid-run: no adapter, a checkpoint to resume
+
+    resumed = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from models/candidates/2026-01-02/checkpoints/step-" in resumed.stderr
+    report = json.loads((ws.reports(DATE) / "train.json").read_text())
+    assert 10 <= report["resumed_from"]["step"] < report["steps"] == reference["steps"] == 200
+    assert report["loss_curve"] == pytest.approx(reference["loss_curve"], rel=1e-5)
+    assert report["loss_curve"][-1] < 0.5 * report["loss_curve"][0]
+    assert not checkpoints.exists()  # deleted after a successful finish
+    got = _adapter_tensors(ws.candidates(DATE) / "adapter")
+    want = _adapter_tensors(reference_ws.candidates(DATE) / "adapter")
+    assert set(got) == set(want) and any("lora_B" in name for name in got)
+    for name, tensor in want.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-7)
+
+
+def test_train_stage_learns_the_days_new_facts(ws: Workspace) -> None:
+    _write_day(ws, fact_rows())
+    before = _response_nll(ws, None)
+    result = run_stage(ws, "train", DATE)
+    adapter = ws.candidates(DATE) / "adapter"
+    after = _response_nll(ws, adapter)
+    assert after < 0.5 * before, (before, after)
+
+    report = json.loads((ws.reports(DATE) / "train.json").read_text())
+    assert set(report) >= REPORT_FIELDS
+    assert report["rows"] == 18 and report["rows_by_selection"] == {"new": 12, "replay": 6}
+    assert report["steps"] == 12 * 5 == len(report["loss_curve"]) and report["resumed_from"] is None
+    assert report["response_tokens"] < report["tokens_seen"]
+    assert report["device"] == "cpu" and report["dtype"] == "float32" and report["continued_from"] is None
+    assert report["lora"]["rank"] == 8 and len(report["lora"]["target_modules"]) == 7
+    assert result.summary["rows"] == 18 and result.summary["final_loss"] == report["final_loss"]
+    assert result.outputs == {"adapter": f"models/candidates/{DATE}/adapter", "report": f"reports/{DATE}/train.json",
+                              "log": f"reports/{DATE}/train.log", "spec": f"models/candidates/{DATE}/train_spec.json"}
+    assert "step 60/60" in (ws.reports(DATE) / "train.log").read_text()
+    assert not (ws.candidates(DATE) / "checkpoints").exists()
+
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "models/base" and config["r"] == 8
+    record = json.loads((adapter / "ctune_prompt.json").read_text())
+    assert record["prompt"] == ws.config.models.prompt.model_dump() and record["response_suffix"] == "<|endoftext|>"
+    spec = json.loads(spec_path(ws, DATE).read_text())
+    assert spec["train_file"] == f"data/selected/{DATE}.jsonl" and not spec["base_model"].startswith("/")
+
+
+def test_training_continues_the_production_adapter(ws: Workspace) -> None:
+    import torch
+
+    from ctune_ops.training.loop import run_training
+
+    deployed = _make_deployed_adapter(ws, rank=4)
+    ws = set_params(ws, {"train": {"learning_rate": 1e-9, "epochs": 1}})  # a step too small to move the weights
+    _write_day(ws, fact_rows())
+    report = run_training(spec_for_day(ws, DATE), ws.root, progress=lambda _: None)
+    assert report["continued_from"] == {"adapter": "models/deployed", "version": "v0"}
+    assert report["lora"]["rank"] == 4  # the deployed adapter's shape, not train.lora.rank
+    want, got = _adapter_tensors(deployed), _adapter_tensors(ws.candidates(DATE) / "adapter")
+    assert set(got) == set(want)
+    for name, tensor in want.items():
+        torch.testing.assert_close(got[name], tensor, rtol=0, atol=1e-6)
+    assert any(float(t.abs().max()) > 0 for name, t in got.items() if "lora_B" in name)
+
+
+def test_an_empty_training_set_keeps_the_production_adapter(ws: Workspace) -> None:
+    import torch
+
+    from ctune_ops.training.loop import run_training
+
+    _write_day(ws, [])
+    report = run_training(spec_for_day(ws, DATE), ws.root, progress=lambda _: None)
+    assert report["rows"] == 0 and report["steps"] == 0 and report["loss_curve"] == []
+    assert "new LoRA adapter that leaves the base model unchanged" in report["note"]
+    fresh = _adapter_tensors(ws.candidates(DATE) / "adapter")
+    assert all(float(t.abs().max()) == 0 for name, t in fresh.items() if "lora_B" in name)
+
+    deployed = _make_deployed_adapter(ws, rank=4)
+    report = run_training(spec_for_day(ws, DATE), ws.root, progress=lambda _: None)
+    assert report["note"] == "no training rows: the candidate is the production adapter unchanged"
+    want, got = _adapter_tensors(deployed), _adapter_tensors(ws.candidates(DATE) / "adapter")
+    assert set(got) == set(want) and all(torch.equal(got[n], want[n]) for n in want)
+
+
+def test_a_checkpoint_of_another_spec_is_discarded(ws: Workspace, caplog: pytest.LogCaptureFixture) -> None:
+    from ctune_ops.training.loop import run_training
+
+    ws = set_params(ws, {"train": {"epochs": 1}})
+    _write_day(ws, fact_rows())
+    stale = ws.candidates(DATE) / "checkpoints" / "step-00000003"
+    stale.mkdir(parents=True)
+    (stale / STATE_FILE).write_text(json.dumps({"spec_hash": "another run", "step": 3}))
+    with caplog.at_level("WARNING"):
+        report = run_training(spec_for_day(ws, DATE), ws.root, progress=lambda _: None)
+    assert "belong to another spec" in caplog.text and report["resumed_from"] is None
+    assert not (ws.candidates(DATE) / "checkpoints").exists()
+
+
+def test_train_stage_fails_clearly(ws: Workspace) -> None:
+    with pytest.raises(StageError, match=f"data/selected/{DATE}.jsonl does not exist: run the select stage"):
+        run_stage(ws, "train", DATE)
+    _write_day(ws, [*fact_rows()[:1], {"id": "bad", "instruction": "Dose?", "output": 5}])
+    with pytest.raises(StageError) as info:
+        run_stage(ws, "train", DATE)
+    message = str(info.value)
+    assert f"the log is reports/{DATE}/train.log" in message
+    assert f"data/selected/{DATE}.jsonl:2: field 'output' must be a string" in message
+
+    k8s = set_params(ws, {"train": {"backend": "kubernetes"}})
+    with pytest.raises(StageError, match="KubernetesPodOperator built by ctune_ops.airflow.kubernetes"):
+        run_stage(k8s, "train", DATE)
+
+
+def test_entrypoint_writes_the_days_spec_or_rejects_a_bad_one(ws: Workspace, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from ctune_ops.training.__main__ import main
+
+    ws = set_params(ws, {"train": {"epochs": 1}})
+    _write_day(ws, fact_rows())
+    assert main(["--workspace", str(ws.root), "--date", DATE]) == 0  # what the Kubernetes pod runs
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["rows"] == 18 and summary["steps"] == 5 and summary["adapter"] == f"models/candidates/{DATE}/adapter"
+    assert json.loads(spec_path(ws, DATE).read_text())["date"] == DATE
+    assert (ws.candidates(DATE) / "adapter" / "adapter_model.safetensors").exists()
+
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"workspace": str(tmp_path), "date": DATE, "learning_rate": 1}))
+    assert main(["--spec", str(spec)]) == 2
+    err = capsys.readouterr().err
+    assert f"{spec}: invalid training spec" in err and "learning_rate: Extra inputs are not permitted" in err
+    assert "base_model: Field required" in err
+    with pytest.raises(SystemExit):
+        main(["--date", DATE])
