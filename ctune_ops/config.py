@@ -547,9 +547,9 @@ class TrainHyperparameters(_Strict):
     ``warmup_fraction`` of the steps, then decays to 0 (``cosine`` or ``linear``)."""
 
     lora: LoraSettings = LoraSettings()
-    learning_rate: float = Field(default=5e-4, gt=0)
+    learning_rate: float = Field(default=4e-4, gt=0)
     schedule: Literal["cosine", "linear"] = "cosine"
-    epochs: int = Field(default=15, ge=1)
+    epochs: int = Field(default=12, ge=1)
     batch_size: int = Field(default=8, ge=1)
     grad_accumulation: int = Field(default=1, ge=1)
     max_length: int = Field(default=256, gt=8, description="tokens; longer rows keep the prompt, lose output tail")
@@ -571,6 +571,26 @@ class TrainConfig(TrainHyperparameters):
     threads: int = Field(default=0, ge=0, description="torch CPU threads; 0 leaves torch's default")
     kubernetes: KubernetesTrainConfig = KubernetesTrainConfig()
 
+
+class ProxyConfig(TrainHyperparameters):
+    """The ``proxy`` stage (DESIGN §3.6): train the proxy on the day's training set, in step with the deployed
+    model, then check they still agree.
+
+    ``method: full`` fine-tunes every weight (right for a tiny proxy, which has no capacity to spare for a
+    low-rank update); ``lora`` trains or continues a LoRA adapter over ``models.proxy_base`` with ``lora``'s
+    settings (for a large proxy). Alignment: Spearman rho between the proxy's and the candidate model's per-row
+    ``L_cond`` on up to ``probe_rows`` rows of the day that were not trained; below ``rho_min`` the report flags
+    it.
+    """
+
+    method: Literal["full", "lora"] = "full"
+    learning_rate: float = Field(default=5e-4, gt=0)
+    epochs: int = Field(default=8, ge=1)
+    probe_rows: int = Field(default=256, ge=3)
+    rho_min: float = Field(default=0.5, ge=-1, le=1)
+    threads: int = Field(default=0, ge=0, description="torch CPU threads; 0 leaves torch's default")
+
+
 with warnings.catch_warnings():
     # The section is named like its stage; the only thing it shadows is pydantic v1's deprecated
     # ``BaseModel.validate`` classmethod, which ctune never calls.
@@ -589,6 +609,7 @@ with warnings.catch_warnings():
         score: ScoreConfig = ScoreConfig()
         select: SelectConfig = SelectConfig()
         train: TrainConfig = TrainConfig()
+        proxy: ProxyConfig = ProxyConfig()
 
 
 def _key_line(root: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:

@@ -30,8 +30,9 @@ def test_registry() -> None:
     assert STAGE_NAMES[0] == "validate" and get_stage("validate").__module__ == "ctune_ops.stages.validate"
     assert get_stage("dedup").__module__ == "ctune_ops.stages.dedup"
     assert get_stage("train").__module__ == "ctune_ops.stages.train"
-    with pytest.raises(StageNotImplemented, match="stage 'proxy' is not implemented yet"):
-        get_stage("proxy")
+    assert get_stage("proxy").__module__ == "ctune_ops.stages.proxy"
+    with pytest.raises(StageNotImplemented, match="stage 'evaluate' is not implemented yet"):
+        get_stage("evaluate")
     with pytest.raises(StageError, match="unknown stage 'promote'"):
         get_stage("promote")
 
@@ -47,7 +48,7 @@ def test_cli_stage(ws: Workspace, capsys: pytest.CaptureFixture[str]) -> None:
 
     assert main(["stage", "validate", "--date", "2026-03-02", "--workspace", str(ws.root)]) == 2
     assert f"{ws.root}/incoming/2026-03-02 does not exist" in capsys.readouterr().err
-    assert main(["stage", "proxy", "--date", date, "--workspace", str(ws.root)]) == 2
+    assert main(["stage", "evaluate", "--date", date, "--workspace", str(ws.root)]) == 2
     assert "not implemented yet" in capsys.readouterr().err
     # dedup on a workspace without the demo world: the default reference rows are missing, and it says so
     assert main(["stage", "dedup", "--date", date, "--workspace", str(ws.root)]) == 2
@@ -78,6 +79,6 @@ def test_operator_runs_the_stage_for_the_runs_batch_date(ws: Workspace) -> None:
     from airflow.sdk.exceptions import AirflowFailException
 
     with pytest.raises(AirflowFailException, match="not implemented yet"):
-        CtuneStageOperator(task_id="d", stage="proxy", workspace=str(ws.root)).execute(context)
+        CtuneStageOperator(task_id="d", stage="evaluate", workspace=str(ws.root)).execute(context)
     with pytest.raises(ValueError, match="unknown ctune stage 'dedupe'"):
         CtuneStageOperator(task_id="x", stage="dedupe", workspace=str(ws.root))

@@ -25,6 +25,7 @@ _IMPLEMENTED = {
     "score": "ctune_ops.stages.score:run",
     "select": "ctune_ops.stages.select:run",
     "train": "ctune_ops.stages.train:run",
+    "proxy": "ctune_ops.stages.proxy:run",
 }
 
 

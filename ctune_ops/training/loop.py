@@ -23,7 +23,7 @@ import os
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,14 @@ from ctune_ops.training.checkpoint import (
     save_checkpoint,
     trainable_parameters,
 )
-from ctune_ops.training.data import IGNORE_INDEX, collate, encode_examples, plan_batches, read_training_rows
+from ctune_ops.training.data import (
+    IGNORE_INDEX,
+    Example,
+    collate,
+    encode_examples,
+    plan_batches,
+    read_training_rows,
+)
 from ctune_ops.training.spec import ADAPTER_CONFIG, TrainingError, TrainSpec, spec_hash
 from ctune_ops.workspace import atomic_directory, atomic_write_text
 
@@ -138,6 +145,28 @@ def response_loss_sum(model: Any, input_ids: Any, attention_mask: Any, labels: A
     )
 
 
+def optimizer_step(model: Any, optimizer: Any, params: list[Any], examples: Sequence[Example],
+                   micro_batches: Sequence[Sequence[int]], pad_id: int, runtime: Runtime,
+                   max_grad_norm: float) -> float:
+    """One optimizer step over ``micro_batches`` (gradient accumulation); returns the step's mean response loss.
+
+    Each micro-batch's summed loss is divided by the step's response-token count, so accumulation weighs every
+    token the same however the rows fall into micro-batches."""
+    import torch
+
+    step_tokens = sum(examples[i].response_tokens for batch in micro_batches for i in batch)
+    step_loss = 0.0
+    for batch in micro_batches:
+        input_ids, attention_mask, labels = (t.to(runtime.device) for t in collate(examples, batch, pad_id))
+        loss_sum = response_loss_sum(model, input_ids, attention_mask, labels, runtime)
+        (loss_sum / step_tokens).backward()
+        step_loss += loss_sum.item()
+    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss / step_tokens
+
+
 def save_adapter(model: Any, spec: TrainSpec, tokenizer: Any, out_dir: Path) -> None:
     """The adapter as safetensors, plus the prompt template it was trained with, replacing ``out_dir`` whole.
 
@@ -219,19 +248,9 @@ def run_training(spec: TrainSpec, root: Path, progress: Callable[[str], None] = 
             for group in optimizer.param_groups:
                 group["lr"] = lr
             micro_batches = plan[step * hyper.grad_accumulation : (step + 1) * hyper.grad_accumulation]
-            step_tokens = sum(examples[i].response_tokens for batch in micro_batches for i in batch)
-            step_loss = 0.0
-            for batch in micro_batches:
-                input_ids, attention_mask, labels = (t.to(runtime.device) for t in collate(
-                    examples, batch, tokenizer.pad_token_id))
-                loss_sum = response_loss_sum(model, input_ids, attention_mask, labels, runtime)
-                (loss_sum / step_tokens).backward()
-                step_loss += loss_sum.item()
-            torch.nn.utils.clip_grad_norm_(params, hyper.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            losses.append(optimizer_step(model, optimizer, params, examples, micro_batches, tokenizer.pad_token_id,
+                                         runtime, hyper.max_grad_norm))
             step += 1
-            losses.append(step_loss / step_tokens)
             if step % LOG_EVERY_STEPS == 0 or step == total_steps:
                 recent = losses[-LOG_EVERY_STEPS:]
                 progress(f"step {step}/{total_steps} loss {sum(recent) / len(recent):.4f} lr {lr:.2e} "

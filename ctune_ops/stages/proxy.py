@@ -1,0 +1,142 @@
+"""The proxy stage (DESIGN §3.6): the proxy learns what the candidate learned, and we check they still agree.
+
+Reads ``data/selected/D.jsonl`` (the training set the train stage used), ``models/candidates/D/adapter`` (the
+candidate), ``data/unique/D.jsonl`` (the probe rows) and ``reports/D/selection.json`` (the day's ``tau_known``).
+Writes ``models/candidates/D/proxy`` (promotion moves it to ``models/proxy``) and ``reports/D/proxy.json``:
+
+* the proxy's training run (rows, steps, loss);
+* alignment: Spearman rho between the updated proxy's and the candidate's per-row ``L_cond`` on a reproducible
+  sample of the day's rows that were not trained (the rows whose "already known?" verdict rests on the proxy;
+  the rows just trained sit near zero loss under both models and would only add rank noise), ``flagged`` when
+  below ``proxy.rho_min`` (the proxy no longer ranks rows the way the deployed model would, so its selections
+  deserve a look);
+* ``trained_below_tau``: the share of the day's selected rows whose ppl under the updated proxy is at most the
+  day's ``tau_known`` -- the rows tomorrow's select stage will find redundant.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ctune_ops.stages import StageError, StageResult
+from ctune_ops.stages.dedup import read_stage_input, require_input, write_report
+from ctune_ops.workspace import Workspace
+
+STAGE = "proxy"
+REPORT_FILE = "proxy.json"
+PROXY_DIR = "proxy"
+SCORE_DIGITS = 4
+MIN_PROBE_ROWS = 3  # fewer rows have no meaningful rank correlation
+log = logging.getLogger(__name__)
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rank correlation (ties get their average rank); NaN when either side is constant."""
+
+    def ranks(x: np.ndarray) -> np.ndarray:
+        order = np.argsort(x, kind="stable")
+        ranked = np.empty(len(x))
+        ranked[order] = np.arange(len(x), dtype=float)
+        _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+        sums = np.bincount(inverse, weights=ranked)
+        return (sums / counts)[inverse]
+
+    ra, rb = ranks(np.asarray(a, dtype=float)), ranks(np.asarray(b, dtype=float))
+    if ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def conditioned_losses(model: Any, tokenizer: Any, records: list[dict[str, Any]], ws: Workspace) -> np.ndarray:
+    """Per-row ``L_cond`` (mean NLL of the output given the prompt), batched as the score stage does."""
+    from ctune_ops.selection.scorer import sequence_losses, tokenize_rows
+
+    config = ws.config
+    rows = tokenize_rows(tokenizer, records, config.models.prompt, config.models.max_length)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    losses, _ = sequence_losses(model, [[*r.prompt, *r.output] for r in rows], [len(r.prompt) for r in rows], pad,
+                                config.score.batch_tokens, config.score.batch_rows)
+    return np.asarray(losses, dtype=float)
+
+
+def load_candidate(ws: Workspace, adapter: str, device: str) -> tuple[Any, Any]:
+    """The candidate deployed model: base + the day's adapter, merged (scoring needs no adapter bookkeeping)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = ws.model_path(ws.config.models.base)
+    model = AutoModelForCausalLM.from_pretrained(base, use_safetensors=True, dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return model.to(device).eval(), AutoTokenizer.from_pretrained(base)
+
+
+def run(ws: Workspace, date: str) -> StageResult:
+    import torch
+
+    from ctune_ops.selection.proxy_model import pick_device, proxy_location
+    from ctune_ops.training.proxy_update import load_trainable_proxy, save_proxy, train_proxy
+
+    config = ws.config.proxy
+    training = read_stage_input(ws.selected(date), ws, "select")
+    unique = read_stage_input(ws.unique(date), ws, "dedup")
+    adapter = require_input(ws.candidates(date) / "adapter", ws, "train")
+    selection = json.loads(require_input(ws.reports(date) / "selection.json", ws, "select").read_text("utf-8"))
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = pick_device(ws.config.models.device)
+    location, is_adapter = proxy_location(ws)
+    try:
+        model, tokenizer = load_trainable_proxy(location, is_adapter, ws.model_path(ws.config.models.proxy_base),
+                                                config, device)
+    except OSError as exc:
+        raise StageError(f"cannot load the proxy from {location}: {exc}") from None
+    fit = train_proxy(model, tokenizer, training, ws.config.models.prompt, config, device)
+    out_dir = ws.candidates(date) / PROXY_DIR
+    save_proxy(model, tokenizer, out_dir)
+
+    with torch.inference_mode():
+        scorer = model.merge_and_unload() if config.method == "lora" else model
+        new_rows = [r for r in training if r.get("selection", "new") == "new"]
+        trained_ppl = np.exp(conditioned_losses(scorer, tokenizer, new_rows, ws)) if new_rows else np.array([])
+        trained_ids = {str(r["id"]) for r in new_rows}
+        pool = [r for r in unique if str(r["id"]) not in trained_ids]
+        probe = random.Random(f"{config.seed}:{date}:probe").sample(pool, min(config.probe_rows, len(pool)))
+        proxy_loss = conditioned_losses(scorer, tokenizer, probe, ws)
+        candidate, candidate_tokenizer = load_candidate(ws, str(adapter), device)
+        candidate_loss = conditioned_losses(candidate, candidate_tokenizer, probe, ws)
+    rho = spearman(proxy_loss, candidate_loss) if len(probe) >= MIN_PROBE_ROWS else float("nan")
+    tau = selection.get("tau_known")
+    below = float(np.mean(trained_ppl <= tau)) if tau is not None and len(trained_ppl) else None
+    report = {
+        "date": date,
+        "proxy_before": (Path(location).relative_to(ws.root).as_posix()
+                         if Path(location).is_relative_to(ws.root) else location),
+        "proxy_after": out_dir.relative_to(ws.root).as_posix(),
+        "training": fit,
+        "alignment": {
+            "probe_rows": len(probe),
+            "spearman_rho": None if np.isnan(rho) else round(rho, SCORE_DIGITS),
+            "rho_min": config.rho_min,
+            "flagged": None if np.isnan(rho) else bool(rho < config.rho_min),  # None: nothing to compare
+        },
+        "tau_known": tau,
+        "trained_rows": len(new_rows),
+        "trained_below_tau": None if below is None else round(below, SCORE_DIGITS),
+        "trained_ppl_p50": round(float(np.median(trained_ppl)), SCORE_DIGITS) if len(trained_ppl) else None,
+    }
+    write_report(ws.reports(date) / REPORT_FILE, report)
+    if report["alignment"]["flagged"]:
+        log.warning("proxy %s: Spearman rho %s is below proxy.rho_min %s: the proxy no longer ranks rows like the "
+                    "candidate", date, report["alignment"]["spearman_rho"], config.rho_min)
+    summary = {"rows": fit["rows"], "steps": fit["steps"], "final_loss": fit["final_loss"],
+               "spearman_rho": report["alignment"]["spearman_rho"], "flagged": report["alignment"]["flagged"],
+               "trained_below_tau": report["trained_below_tau"]}
+    return StageResult(STAGE, date, summary, {"proxy": report["proxy_after"],
+                                              "report": f"reports/{date}/{REPORT_FILE}"})
