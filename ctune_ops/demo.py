@@ -3,8 +3,9 @@
 Until the daily DAG exists, the demo runs the parts that do: it creates (or reuses) the workspace, generates the
 world, bootstraps the models, measures the base model with lm-eval on retention and on every day's new facts (the
 baseline every later day of continual learning is measured against), and runs the validate, dedup, score and
-select stages on every day, printing each day's funnel and how it compares with the world's hidden truth.
-Training and promotion are not built yet, so no row becomes *trained* and nothing is learned between days.
+select stages on every day, printing each day's funnel and how it compares with the world's hidden truth, then
+trains the candidate and the proxy on the first day and measures what the candidate learned. Evaluation and
+promotion are not built yet, so no row becomes *trained* and nothing is learned between days.
 """
 
 from __future__ import annotations
@@ -36,6 +37,27 @@ def _selection(ws: Workspace, dates: list[str]) -> None:
         q = selection_quality(ws, date)
         print(f"    truth: dedup precision {q['dedup_precision']:.2f} recall {q['dedup_recall']:.2f}; known-fact "
               f"rows dropped {q['known_dropped']:.2f}; new-fact rows kept {q['new_kept']:.2f}")
+
+
+def _first_day_training(ws: Workspace, date: str, lm_device: str) -> None:
+    """train and proxy on the first day, and what the candidate learned (lm-eval, before and after)."""
+    from ctune_ops.stages import run_stage
+
+    print(f"\ntrain -> proxy on {date} (the candidate is not promoted: evaluate and promote come next):")
+    with ws.lock(purpose=f"demo train {date}"):
+        train = run_stage(ws, "train", date).summary
+        proxy = run_stage(ws, "proxy", date).summary
+    print(f"  train: {train['rows']} rows, {train['steps']} steps, loss {train['first_loss']:.3f} -> "
+          f"{train['final_loss']:.3f}, {train['wall_s']}s on {train['device']}")
+    print(f"  proxy: {proxy['steps']} steps; trained rows below tau_known {proxy['trained_below_tau']}; Spearman rho "
+          f"vs the candidate {proxy['spearman_rho']} (flagged: {proxy['flagged']})")
+    retention, _, new = world_task_files(ws, date)
+    base = str(ws.model_path(ws.config.models.base))
+    before = lmeval.evaluate(base, [retention, new], device=lm_device, cache_dir=ws.root / ".lmeval-cache")
+    after = lmeval.evaluate(base, [retention, new], peft=str(ws.candidates(date) / "adapter"), device=lm_device)
+    for task, label in ((evalsets.RETENTION_TASK, evalsets.RETENTION_TASK), (evalsets.NEW_TASK,
+                                                                               f"{evalsets.NEW_TASK} {date}")):
+        print(f"  {label:<28}{before[task]['acc']:.3f} -> {after[task]['acc']:.3f}")
 
 
 def _bootstrapped(ws: Workspace) -> bool:
@@ -95,6 +117,8 @@ def run_demo(directory: Path, days: int, seed: int | None = None) -> int:
         reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(summary["reasons"].items()))
         print(f"  {date}: {summary['raw']} = {summary['accepted']} + {summary['quarantined']}  ({reasons})")
     _selection(ws, generated.dates)
-    print("\nthe later stages (train, proxy, evaluate, promote) are not built yet")
+    _first_day_training(ws, generated.dates[0], lm_device=lmeval.resolve_device(ws.config.models.device))
+    print("\nevaluate and promote are not built yet: no day is promoted, so later days are judged by the "
+          "bootstrapped models")
     print(f"demo finished in {time.perf_counter() - started:.0f}s; workspace: {ws.root}")
     return 0
