@@ -591,6 +591,25 @@ class ProxyConfig(TrainHyperparameters):
     threads: int = Field(default=0, ge=0, description="torch CPU threads; 0 leaves torch's default")
 
 
+class EvaluateConfig(_Strict):
+    """The ``evaluate`` stage (DESIGN §3.7): lm-eval on the candidate and on production, and the gate.
+
+    ``tasks`` are lm-eval 0.4 task YAMLs (paths relative to the workspace, ``{date}`` = the batch date; a user's
+    own YAMLs over their own files work the same way: each YAML's folder becomes an ``include_path``). The gate
+    promotes when no task's ``metric`` is more than ``tolerance`` below production's and every task named in
+    ``target_tasks`` is at least production's plus ``min_gain``.
+    """
+
+    tasks: list[str] = Field(
+        default=["eval/retention/ctune_retention.yaml", "eval/days/{date}/ctune_target.yaml"], min_length=1)
+    target_tasks: list[str] = ["ctune_target"]
+    metric: Literal["acc", "acc_norm"] = "acc"
+    tolerance: float = Field(default=0.03, ge=0, le=1)
+    min_gain: float = Field(default=0.0, ge=-1, le=1)
+    limit: int | None = Field(default=None, ge=1, description="items per task; null = all (for quick trials)")
+    batch_size: int = Field(default=32, ge=1)
+
+
 with warnings.catch_warnings():
     # The section is named like its stage; the only thing it shadows is pydantic v1's deprecated
     # ``BaseModel.validate`` classmethod, which ctune never calls.
@@ -610,6 +629,7 @@ with warnings.catch_warnings():
         select: SelectConfig = SelectConfig()
         train: TrainConfig = TrainConfig()
         proxy: ProxyConfig = ProxyConfig()
+        evaluate: EvaluateConfig = EvaluateConfig()
 
 
 def _key_line(root: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:

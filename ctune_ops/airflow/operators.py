@@ -12,10 +12,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from airflow.sdk import BaseOperator
-from airflow.sdk.exceptions import AirflowFailException
 
 from ctune_ops.airflow.dates import batch_date, context_batch_date
-from ctune_ops.stages import STAGE_NAMES, StageNotImplemented, check_date, get_stage
+from ctune_ops.stages import STAGE_NAMES, check_date, get_stage
 from ctune_ops.workspace import LOCK_TIMEOUT_S, Workspace
 
 
@@ -23,8 +22,8 @@ class CtuneStageOperator(BaseOperator):
     """Run ctune stage ``stage`` for one batch date on the workspace at ``workspace``.
 
     ``date`` (templated) defaults to the run's batch date: the ``date`` param, else the data interval start.
-    A stage that does not exist or is not implemented fails the task without retries; a missing input (say, a
-    day folder upstream has not delivered yet) raises a retryable error naming it.
+    A stage name that does not exist fails when the DAG is parsed; a missing input (say, a day folder upstream
+    has not delivered yet) raises a retryable error naming it.
     """
 
     template_fields: Sequence[str] = ("workspace", "date")
@@ -49,10 +48,7 @@ class CtuneStageOperator(BaseOperator):
 
     def execute(self, context: Any) -> dict[str, Any]:
         date = batch_date({"date": self.date}, None) if self.date else context_batch_date(context)
-        try:
-            run = get_stage(self.stage)
-        except StageNotImplemented as exc:
-            raise AirflowFailException(str(exc)) from None
+        run = get_stage(self.stage)
         ws = Workspace.open(self.workspace)
         self.log.info("ctune stage %s for %s on %s", self.stage, date, ws.root)
         with ws.lock(timeout_s=self.lock_timeout_s, purpose=f"{self.task_id}: stage {self.stage} {date}"):

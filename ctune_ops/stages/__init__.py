@@ -18,23 +18,20 @@ if TYPE_CHECKING:
     from ctune_ops.workspace import Workspace
 
 # Pipeline order (DESIGN §3); promote is not a stage (it moves candidates into models/ and tags a version).
-STAGE_NAMES = ("validate", "dedup", "score", "select", "train", "proxy", "evaluate")
-_IMPLEMENTED = {
+_STAGES = {
     "validate": "ctune_ops.stages.validate:run",
     "dedup": "ctune_ops.stages.dedup:run",
     "score": "ctune_ops.stages.score:run",
     "select": "ctune_ops.stages.select:run",
     "train": "ctune_ops.stages.train:run",
     "proxy": "ctune_ops.stages.proxy:run",
+    "evaluate": "ctune_ops.stages.evaluate:run",
 }
+STAGE_NAMES = tuple(_STAGES)
 
 
 class StageError(RuntimeError):
     """A stage cannot run: a missing input folder, a missing model, a stage not built yet. Says which and why."""
-
-
-class StageNotImplemented(StageError):
-    """The stage is part of the design but has no implementation yet."""
 
 
 @dataclass(frozen=True)
@@ -52,13 +49,10 @@ StageFunction = Callable[["Workspace", str], StageResult]
 
 
 def get_stage(name: str) -> StageFunction:
-    """The ``run`` function of stage ``name``; fails clearly for unknown and not-yet-implemented stages."""
-    if name not in STAGE_NAMES:
-        raise StageError(f"unknown stage {name!r}; the stages are: {', '.join(STAGE_NAMES)}")
-    target = _IMPLEMENTED.get(name)
+    """The ``run`` function of stage ``name``; fails clearly for an unknown name."""
+    target = _STAGES.get(name)
     if target is None:
-        done = ", ".join(_IMPLEMENTED)
-        raise StageNotImplemented(f"stage {name!r} is not implemented yet (implemented: {done})")
+        raise StageError(f"unknown stage {name!r}; the stages are: {', '.join(STAGE_NAMES)}")
     module_name, function_name = target.split(":")
     return getattr(importlib.import_module(module_name), function_name)
 

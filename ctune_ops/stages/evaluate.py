@@ -1,0 +1,124 @@
+"""The evaluate stage (DESIGN §3.7): lm-eval on the candidate and on production, and the gate's decision.
+
+Reads ``models/candidates/D/adapter`` and the task YAMLs of ``evaluate.tasks``; writes ``reports/D/eval.json``
+with both score sets, the rule, one check per task and the decision (``promote`` or ``keep``). The promote stage
+acts on it.
+
+Production (the base with ``models/deployed`` when a version is promoted) is scored once per version and task:
+``state/eval_scores.json`` keeps its scores keyed by version, task name and a digest of the task's YAML and data
+file, so a task whose items changed (the demo world's target task grows every day) is scored again, and a rollback
+finds the restored version's scores where it left them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from ctune_ops import lmeval
+from ctune_ops.stages import StageError, StageResult
+from ctune_ops.stages.dedup import require_input, write_report
+from ctune_ops.workspace import Workspace, atomic_write_text
+
+STAGE = "evaluate"
+REPORT_FILE = "eval.json"
+CACHE_FILE = "eval_scores.json"
+DEPLOYED = "models/deployed"
+PROMOTE, KEEP = "promote", "keep"
+SCORE_DIGITS = 4
+log = logging.getLogger(__name__)
+
+
+def task_files(ws: Workspace, date: str) -> list[Path]:
+    """``evaluate.tasks`` for ``date``, as existing files; a missing one is named with the key that lists it."""
+    files = []
+    for number, entry in enumerate(ws.config.evaluate.tasks):
+        path = ws.root / entry.format(date=date)
+        if not path.is_file():
+            raise StageError(f"params.yaml: key 'evaluate.tasks[{number}]': {path.relative_to(ws.root)} does not "
+                             "exist (an lm-eval task YAML, relative to the workspace; {date} = the batch date)")
+        files.append(path)
+    return files
+
+
+def task_digest(path: Path) -> tuple[str, str]:
+    """(task name, sha256 of the YAML and its data files): what a cached score is valid for."""
+    config = lmeval.load_task(path)
+    digest = hashlib.sha256(path.read_bytes())
+    for split in sorted(config.get("dataset_kwargs", {}).get("data_files", {}).items()):
+        digest.update(split[0].encode())
+        digest.update(Path(split[1]).read_bytes())
+    return config["task"], digest.hexdigest()
+
+
+def production_adapter(ws: Workspace) -> str | None:
+    adapter = ws.root / DEPLOYED
+    return str(adapter) if (adapter / "adapter_config.json").exists() else None
+
+
+def gate(production: dict[str, dict[str, float]], candidate: dict[str, dict[str, float]],
+         config: Any) -> tuple[str, list[dict[str, Any]]]:
+    """The decision and one check per task: within ``tolerance`` of production; targets at least ``min_gain``."""
+    checks = []
+    for task in sorted(candidate):
+        before, after = production[task][config.metric], candidate[task][config.metric]
+        target = task in config.target_tasks
+        floor = before + config.min_gain if target else before - config.tolerance
+        checks.append({"task": task, "target": target, "production": round(before, SCORE_DIGITS),
+                       "candidate": round(after, SCORE_DIGITS), "change": round(after - before, SCORE_DIGITS),
+                       "floor": round(floor, SCORE_DIGITS), "passed": after >= floor - 1e-12})
+    return (PROMOTE if all(c["passed"] for c in checks) else KEEP), checks
+
+
+def run(ws: Workspace, date: str) -> StageResult:
+    config = ws.config.evaluate
+    adapter = require_input(ws.candidates(date) / "adapter", ws, "train")
+    files = task_files(ws, date)
+    keys = {path: task_digest(path) for path in files}
+    unknown = set(config.target_tasks) - {name for name, _ in keys.values()}
+    if unknown:
+        raise StageError(f"params.yaml: key 'evaluate.target_tasks': {sorted(unknown)} are not among the tasks of "
+                         f"evaluate.tasks ({sorted(name for name, _ in keys.values())})")
+    base = ws.model_path(ws.config.models.base)
+    device = lmeval.resolve_device(ws.config.models.device)
+    options = {"device": device, "limit": config.limit, "batch_size": config.batch_size,
+               "cache_dir": ws.root / ".lmeval-cache"}
+
+    version = ws.current_version
+    cache_path = ws.root / "state" / CACHE_FILE
+    cache = json.loads(cache_path.read_text(encoding="utf-8")) if cache_path.exists() else {}
+    cached = cache.setdefault(version, {})
+    entry = {path: f"{name}:{digest}:limit={config.limit}" for path, (name, digest) in keys.items()}
+    todo = [path for path in files if entry[path] not in cached]
+    if todo:
+        fresh = lmeval.evaluate(base, todo, peft=production_adapter(ws), **options)
+        for path in todo:
+            cached[entry[path]] = fresh[keys[path][0]]
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cache_path, json.dumps(cache, indent=1, sort_keys=True) + "\n")
+    production = {keys[path][0]: cached[entry[path]] for path in files}
+    candidate = lmeval.evaluate(base, files, peft=str(adapter), **options)
+    decision, checks = gate(production, candidate, config)
+    report = {
+        "date": date,
+        "decision": decision,
+        "rule": {"metric": config.metric, "tolerance": config.tolerance, "min_gain": config.min_gain,
+                 "target_tasks": list(config.target_tasks),
+                 "text": f"every task's {config.metric} >= production - {config.tolerance}; target tasks >= "
+                         f"production + {config.min_gain}"},
+        "checks": checks,
+        "production": {"version": version, "adapter": production_adapter(ws) and DEPLOYED,
+                       "scores": production, "cached": len(files) - len(todo)},
+        "candidate": {"adapter": adapter.relative_to(ws.root).as_posix(), "scores": candidate},
+        "tasks": {keys[path][0]: path.relative_to(ws.root).as_posix() for path in files},
+        "device": device,
+    }
+    write_report(ws.reports(date) / REPORT_FILE, report)
+    log.info("evaluate %s: %s (%s)", date, decision,
+             ", ".join(f"{c['task']} {c['production']} -> {c['candidate']}" for c in checks))
+    summary = {"decision": decision, **{c["task"]: c["candidate"] for c in checks},
+               "failed": [c["task"] for c in checks if not c["passed"]]}
+    return StageResult(STAGE, date, summary, {"report": f"reports/{date}/{REPORT_FILE}"})

@@ -1,0 +1,69 @@
+"""The evaluate stage: lm-eval on candidate and production, production scores cached per version, the gate."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from types import SimpleNamespace
+
+import pytest
+
+from ctune_ops.stages import StageError, run_stage
+from ctune_ops.stages.evaluate import KEEP, PROMOTE, gate
+from ctune_ops.workspace import Workspace
+from tests.conftest import set_params
+
+DATE = "2026-01-01"
+RULE = SimpleNamespace(metric="acc", tolerance=0.03, min_gain=0.0, target_tasks=["target"])
+
+
+def _scores(retention: float, target: float) -> dict[str, dict[str, float]]:
+    return {"retention": {"acc": retention}, "target": {"acc": target}}
+
+
+def test_gate_rule() -> None:
+    assert gate(_scores(0.9, 0.3), _scores(0.88, 0.6), RULE)[0] == PROMOTE  # within tolerance, target up
+    decision, checks = gate(_scores(0.9, 0.3), _scores(0.86, 0.6), RULE)  # retention fell 0.04 > 0.03
+    assert decision == KEEP and [c["passed"] for c in checks] == [False, True]
+    assert gate(_scores(0.9, 0.3), _scores(0.9, 0.29), RULE)[0] == KEEP  # a target task got worse
+    strict = SimpleNamespace(**{**vars(RULE), "min_gain": 0.05})
+    assert gate(_scores(0.9, 0.3), _scores(0.9, 0.34), strict)[0] == KEEP
+
+
+@pytest.fixture(scope="module")
+def trained_world(small_world, tmp_path_factory):  # noqa: ANN001, ANN201
+    root = tmp_path_factory.mktemp("evaluate") / "ws"
+    shutil.copytree(small_world.root, root, symlinks=True)
+    ws = Workspace.open(root)
+    for stage in ("validate", "dedup", "score", "select", "train"):
+        run_stage(ws, stage, DATE)
+    return ws
+
+
+def test_evaluate_scores_both_and_caches_production(trained_world) -> None:  # noqa: ANN001
+    ws = trained_world
+    summary = run_stage(ws, "evaluate", DATE).summary
+    report = json.loads((ws.reports(DATE) / "eval.json").read_text())
+    assert report["decision"] == summary["decision"] in (PROMOTE, KEEP)
+    assert {c["task"] for c in report["checks"]} == {"ctune_retention", "ctune_target"}
+    assert report["production"]["version"] == "v0" and report["production"]["cached"] == 0
+    assert report["decision"] == (PROMOTE if all(c["passed"] for c in report["checks"]) else KEEP)
+    cache = json.loads((ws.root / "state" / "eval_scores.json").read_text())
+    assert len(cache["v0"]) == 2
+    again = json.loads(json.dumps(report))
+    run_stage(ws, "evaluate", DATE)
+    report = json.loads((ws.reports(DATE) / "eval.json").read_text())
+    assert report["production"]["cached"] == 2  # production is scored once per version and task
+    assert report["checks"] == again["checks"]
+
+
+def test_evaluate_names_a_missing_task_and_a_stray_target(trained_world, tmp_path) -> None:  # noqa: ANN001
+    root = tmp_path / "ws"
+    shutil.copytree(trained_world.root, root, symlinks=True)
+    ws = set_params(Workspace.open(root), {"evaluate": {"tasks": ["eval/retention/ctune_retention.yaml",
+                                                                   "eval/mine/{date}.yaml"]}})
+    with pytest.raises(StageError, match=r"key 'evaluate.tasks\[1\]': eval/mine/2026-01-01.yaml does not exist"):
+        run_stage(ws, "evaluate", DATE)
+    ws = set_params(ws, {"evaluate": {"tasks": ["eval/retention/ctune_retention.yaml"]}})
+    with pytest.raises(StageError, match=r"key 'evaluate.target_tasks': \['ctune_target'\] are not among"):
+        run_stage(ws, "evaluate", DATE)
