@@ -71,6 +71,6 @@ def evaluate(
     for config in configs:
         name = config["task"]
         row = results["results"][name]
-        scores[name] = {metric: float(row[f"{metric},none"]) for metric in METRICS}
+        scores[name] = {metric: float(row[f"{metric},none"]) for metric in METRICS if f"{metric},none" in row}
         scores[name]["n"] = int(results["n-samples"][name]["effective"])
     return scores

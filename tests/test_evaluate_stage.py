@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import yaml
 
 from ctune_ops.stages import StageError, run_stage
 from ctune_ops.stages.evaluate import KEEP, PROMOTE, gate
@@ -67,3 +70,40 @@ def test_evaluate_names_a_missing_task_and_a_stray_target(trained_world, tmp_pat
     ws = set_params(ws, {"evaluate": {"tasks": ["eval/retention/ctune_retention.yaml"]}})
     with pytest.raises(StageError, match=r"key 'evaluate.target_tasks': \['ctune_target'\] are not among"):
         run_stage(ws, "evaluate", DATE)
+
+
+MMLU = Path(__file__).resolve().parents[2] / "shared" / "data" / "mmlu_medical" / "anatomy_test.csv"
+USER_ITEMS = 24
+
+
+def _user_task(folder: Path) -> Path:
+    """An lm-eval YAML of the user's own over a JSONL they built (MMLU anatomy, 4 choices), as a user would."""
+    folder.mkdir(parents=True)
+    with MMLU.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.reader(handle))[:USER_ITEMS]
+    items = [{"context": f"Question: {q}\nAnswer:", "choices": [f" {c}" for c in (a, b, c_, d)],
+              "label": "ABCD".index(answer)} for q, a, b, c_, d, answer in rows]
+    (folder / "anatomy.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items), encoding="utf-8")
+    config = {"task": "user_anatomy", "dataset_path": "json",
+              "dataset_kwargs": {"data_files": {"test": str(folder / "anatomy.jsonl")}}, "test_split": "test",
+              "output_type": "multiple_choice", "doc_to_text": "context", "doc_to_choice": "choices",
+              "doc_to_target": "label", "metric_list": [{"metric": "acc", "aggregation": "mean",
+                                                         "higher_is_better": True}]}
+    (folder / "anatomy.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    return folder / "anatomy.yaml"
+
+
+@pytest.mark.skipif(not MMLU.exists(), reason=f"MMLU medical data is not available at {MMLU}")
+def test_a_user_task_takes_part_in_the_gate(trained_world, tmp_path) -> None:  # noqa: ANN001
+    root = tmp_path / "ws"
+    shutil.copytree(trained_world.root, root, symlinks=True)
+    ws = Workspace.open(root)
+    task = _user_task(ws.root / "user-tasks")
+    ws = set_params(ws, {"evaluate": {"tasks": [*ws.config.evaluate.tasks, task.relative_to(ws.root).as_posix()],
+                                      "tolerance": 0.0}})
+    run_stage(ws, "evaluate", DATE)
+    report = json.loads((ws.reports(DATE) / "eval.json").read_text())
+    check = next(c for c in report["checks"] if c["task"] == "user_anatomy")
+    assert report["candidate"]["scores"]["user_anatomy"]["n"] == USER_ITEMS
+    assert check["floor"] == check["production"]  # tolerance 0: the user's task may not get worse at all
+    assert report["decision"] == (PROMOTE if all(c["passed"] for c in report["checks"]) else KEEP)

@@ -101,6 +101,10 @@ def run(ws: Workspace, date: str) -> StageResult:
         atomic_write_text(cache_path, json.dumps(cache, indent=1, sort_keys=True) + "\n")
     production = {keys[path][0]: cached[entry[path]] for path in files}
     candidate = lmeval.evaluate(base, files, peft=str(adapter), **options)
+    lacking = sorted(task for task, scores in candidate.items() if config.metric not in scores)
+    if lacking:
+        raise StageError(f"params.yaml: key 'evaluate.metric': the tasks {lacking} do not report "
+                         f"{config.metric!r} (their YAML's metric_list)")
     decision, checks = gate(production, candidate, config)
     report = {
         "date": date,
