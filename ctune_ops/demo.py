@@ -4,8 +4,8 @@ Until the daily DAG exists, the demo runs the parts that do: it creates (or reus
 world, bootstraps the models, measures the base model with lm-eval on retention and on every day's new facts (the
 baseline every later day of continual learning is measured against), and runs the validate, dedup, score and
 select stages on every day, printing each day's funnel and how it compares with the world's hidden truth, then
-trains the candidate and the proxy on the first day and measures what the candidate learned. Evaluation and
-promotion are not built yet, so no row becomes *trained* and nothing is learned between days.
+trains the candidate and the proxy on the first day, measures what the candidate learned and runs the eval gate.
+Promotion is not built yet, so no row becomes *trained* and nothing is learned between days.
 """
 
 from __future__ import annotations
@@ -40,13 +40,14 @@ def _selection(ws: Workspace, dates: list[str]) -> None:
 
 
 def _first_day_training(ws: Workspace, date: str, lm_device: str) -> None:
-    """train and proxy on the first day, and what the candidate learned (lm-eval, before and after)."""
+    """train, proxy and evaluate on the first day, and what the candidate learned (lm-eval, before and after)."""
     from ctune_ops.stages import run_stage
 
-    print(f"\ntrain -> proxy on {date} (the candidate is not promoted: evaluate and promote come next):")
+    print(f"\ntrain -> proxy -> evaluate on {date} (the candidate is not promoted: promote comes next):")
     with ws.lock(purpose=f"demo train {date}"):
         train = run_stage(ws, "train", date).summary
         proxy = run_stage(ws, "proxy", date).summary
+        gate = run_stage(ws, "evaluate", date).summary
     print(f"  train: {train['rows']} rows, {train['steps']} steps, loss {train['first_loss']:.3f} -> "
           f"{train['final_loss']:.3f}, {train['wall_s']}s on {train['device']}")
     print(f"  proxy: {proxy['steps']} steps; trained rows below tau_known {proxy['trained_below_tau']}; Spearman rho "
@@ -58,6 +59,8 @@ def _first_day_training(ws: Workspace, date: str, lm_device: str) -> None:
     for task, label in ((evalsets.RETENTION_TASK, evalsets.RETENTION_TASK), (evalsets.NEW_TASK,
                                                                                f"{evalsets.NEW_TASK} {date}")):
         print(f"  {label:<28}{before[task]['acc']:.3f} -> {after[task]['acc']:.3f}")
+    failed = f" (failed: {', '.join(gate['failed'])})" if gate["failed"] else ""
+    print(f"  evaluate gate (reports/{date}/eval.json): {gate['decision']}{failed}")
 
 
 def _bootstrapped(ws: Workspace) -> bool:
@@ -118,7 +121,6 @@ def run_demo(directory: Path, days: int, seed: int | None = None) -> int:
         print(f"  {date}: {summary['raw']} = {summary['accepted']} + {summary['quarantined']}  ({reasons})")
     _selection(ws, generated.dates)
     _first_day_training(ws, generated.dates[0], lm_device=lmeval.resolve_device(ws.config.models.device))
-    print("\nevaluate and promote are not built yet: no day is promoted, so later days are judged by the "
-          "bootstrapped models")
+    print("\npromote is not built yet: no day is promoted, so later days are judged by the bootstrapped models")
     print(f"demo finished in {time.perf_counter() - started:.0f}s; workspace: {ws.root}")
     return 0
