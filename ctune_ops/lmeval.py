@@ -22,9 +22,9 @@ DEFAULT_BATCH_SIZE = 32
 def load_task(path: Path) -> dict[str, Any]:
     """A task YAML as a config dict whose data files exist (re-pointed beside the YAML if it moved)."""
     config = yaml.safe_load(path.read_text(encoding="utf-8"))
-    files = config.get("dataset_kwargs", {}).get("data_files", {})
-    for split, location in list(files.items()):
-        if not Path(location).exists() and (path.parent / Path(location).name).exists():
+    files = (config.get("dataset_kwargs") or {}).get("data_files") or {}
+    for split, location in list(files.items()) if isinstance(files, dict) else []:
+        if isinstance(location, str) and not Path(location).exists() and (path.parent / Path(location).name).exists():
             files[split] = str((path.parent / Path(location).name).resolve())
     return config
 

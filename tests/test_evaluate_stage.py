@@ -58,6 +58,15 @@ def test_evaluate_scores_both_and_caches_production(trained_world) -> None:  # n
     report = json.loads((ws.reports(DATE) / "eval.json").read_text())
     assert report["production"]["cached"] == 2  # production is scored once per version and task
     assert report["checks"] == again["checks"]
+    # production's files change under the same version (a restore by hand, a half-done promote): scored again
+    shutil.copytree(ws.candidates(DATE) / "adapter", ws.root / "models" / "deployed")
+    try:
+        run_stage(ws, "evaluate", DATE)
+        report = json.loads((ws.reports(DATE) / "eval.json").read_text())
+        assert report["production"]["cached"] == 0
+        assert report["production"]["scores"] == report["candidate"]["scores"]  # production is now the candidate
+    finally:
+        shutil.rmtree(ws.root / "models" / "deployed")
 
 
 def test_evaluate_names_a_missing_task_and_a_stray_target(trained_world, tmp_path) -> None:  # noqa: ANN001

@@ -95,3 +95,12 @@ def test_lora_proxy_is_scored_after_promotion(updated_world, tmp_path) -> None: 
     shutil.copytree(adapter, ws.root / "models" / "proxy")  # what promotion does
     assert proxy_location(ws) == (str(ws.root / "models" / "proxy"), True)
     assert load_proxy(ws).model.num_parameters() > 0
+
+
+def test_lora_cannot_build_on_a_full_promoted_proxy(updated_world, tmp_path) -> None:  # noqa: ANN001
+    root = tmp_path / "ws"
+    shutil.copytree(updated_world.root, root, symlinks=True)
+    ws = set_params(Workspace.open(root), {"proxy": {"method": "lora"}})
+    shutil.copytree(ws.candidates(DATE) / "proxy", ws.root / "models" / "proxy")  # a promoted full proxy
+    with pytest.raises(StageError, match="key 'proxy.method': lora, but the promoted proxy .* is a full model"):
+        run_stage(ws, "proxy", DATE)

@@ -5,9 +5,10 @@ with both score sets, the rule, one check per task and the decision (``promote``
 acts on it.
 
 Production (the base with ``models/deployed`` when a version is promoted) is scored once per version and task:
-``state/eval_scores.json`` keeps its scores keyed by version, task name and a digest of the task's YAML and data
-file, so a task whose items changed (the demo world's target task grows every day) is scored again, and a rollback
-finds the restored version's scores where it left them.
+``state/eval_scores.json`` keeps its scores under the version, keyed by task name, a digest of the task's YAML and
+data files and a digest of production's own files, so a task whose items changed (the demo world's target task
+grows every day) or an adapter that was replaced is scored again, and a rollback finds the restored version's
+scores where it left them.
 """
 
 from __future__ import annotations
@@ -38,20 +39,50 @@ def task_files(ws: Workspace, date: str) -> list[Path]:
     for number, entry in enumerate(ws.config.evaluate.tasks):
         path = ws.root / entry.format(date=date)
         if not path.is_file():
-            raise StageError(f"params.yaml: key 'evaluate.tasks[{number}]': {path.relative_to(ws.root)} does not "
+            raise StageError(f"params.yaml: key 'evaluate.tasks[{number}]': {_shown(ws, path)} does not "
                              "exist (an lm-eval task YAML, relative to the workspace; {date} = the batch date)")
         files.append(path)
     return files
 
 
+def _data_files(config: dict[str, Any], path: Path) -> list[Path]:
+    """The task's local data files (``data_files`` as a string, list or split mapping), resolved against the
+    YAML's folder; a source that cannot be hashed (a local dataset folder, an ``include``) is refused."""
+    kwargs = config.get("dataset_kwargs") or {}
+    files = kwargs.get("data_files")
+    if files is None or config.get("include"):
+        raise StageError(f"{path}: evaluate needs tasks whose items are local data_files (dataset_kwargs."
+                         "data_files), so production's cached scores can be tied to the exact items")
+    values = files.values() if isinstance(files, dict) else [files]
+    flat = [item for value in values for item in ([value] if isinstance(value, str) else value)]
+    return [Path(item) if Path(item).is_absolute() else path.parent / item for item in flat]
+
+
 def task_digest(path: Path) -> tuple[str, str]:
     """(task name, sha256 of the YAML and its data files): what a cached score is valid for."""
     config = lmeval.load_task(path)
+    if not isinstance(config.get("task"), str):
+        raise StageError(f"{path}: not a single lm-eval task (no 'task' name); list each task's YAML in "
+                         "evaluate.tasks")
     digest = hashlib.sha256(path.read_bytes())
-    for split in sorted(config.get("dataset_kwargs", {}).get("data_files", {}).items()):
-        digest.update(split[0].encode())
-        digest.update(Path(split[1]).read_bytes())
+    for data_file in _data_files(config, path):
+        digest.update(data_file.read_bytes())
     return config["task"], digest.hexdigest()
+
+
+def production_identity(ws: Workspace) -> str:
+    """sha256 of what production is: the base's location and the deployed adapter's files (none before the
+    first promotion). Part of the cache key, so a restored or replaced adapter is never judged by old scores."""
+    digest = hashlib.sha256(ws.model_path(ws.config.models.base).encode())
+    adapter = ws.root / DEPLOYED
+    for item in sorted(adapter.glob("*")) if production_adapter(ws) else []:
+        if item.is_file():
+            digest.update(item.name.encode() + item.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _shown(ws: Workspace, path: Path) -> str:
+    return path.relative_to(ws.root).as_posix() if path.is_relative_to(ws.root) else str(path)
 
 
 def production_adapter(ws: Workspace) -> str | None:
@@ -91,7 +122,9 @@ def run(ws: Workspace, date: str) -> StageResult:
     cache_path = ws.root / "state" / CACHE_FILE
     cache = json.loads(cache_path.read_text(encoding="utf-8")) if cache_path.exists() else {}
     cached = cache.setdefault(version, {})
-    entry = {path: f"{name}:{digest}:limit={config.limit}" for path, (name, digest) in keys.items()}
+    identity = production_identity(ws)
+    entry = {path: f"{name}:{digest}:production={identity}:limit={config.limit}"
+             for path, (name, digest) in keys.items()}
     todo = [path for path in files if entry[path] not in cached]
     if todo:
         fresh = lmeval.evaluate(base, todo, peft=production_adapter(ws), **options)
@@ -117,7 +150,7 @@ def run(ws: Workspace, date: str) -> StageResult:
         "production": {"version": version, "adapter": production_adapter(ws) and DEPLOYED,
                        "scores": production, "cached": len(files) - len(todo)},
         "candidate": {"adapter": adapter.relative_to(ws.root).as_posix(), "scores": candidate},
-        "tasks": {keys[path][0]: path.relative_to(ws.root).as_posix() for path in files},
+        "tasks": {keys[path][0]: _shown(ws, path) for path in files},
         "device": device,
     }
     write_report(ws.reports(date) / REPORT_FILE, report)

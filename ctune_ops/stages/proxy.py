@@ -10,8 +10,9 @@ Writes ``models/candidates/D/proxy`` (promotion moves it to ``models/proxy``) an
   the rows just trained sit near zero loss under both models and would only add rank noise), ``flagged`` when
   below ``proxy.rho_min`` (the proxy no longer ranks rows the way the deployed model would, so its selections
   deserve a look);
-* ``trained_below_tau``: the share of the day's selected rows whose ppl under the updated proxy is at most the
-  day's ``tau_known`` -- the rows tomorrow's select stage will find redundant.
+* ``trained_below_tau``: the share of the day's newly selected rows (``selection: new``; replay rows were trained
+  before) whose ppl under the updated proxy is at most the day's ``tau_known`` -- the rows tomorrow's select
+  stage will find redundant.
 """
 
 from __future__ import annotations
@@ -92,14 +93,18 @@ def run(ws: Workspace, date: str) -> StageResult:
         torch.set_num_threads(config.threads)
     device = pick_device(ws.config.models.device)
     location, is_adapter = proxy_location(ws)
+    proxy_base = ws.model_path(ws.config.models.proxy_base)
+    if config.method == "lora" and not is_adapter and location != proxy_base:
+        raise StageError(f"params.yaml: key 'proxy.method': lora, but the promoted proxy {location} is a full model; "
+                         "an adapter is always loaded over models.proxy_base, so it cannot build on it. Keep "
+                         "method: full, or point models.proxy_base at that model first")
     try:
-        model, tokenizer = load_trainable_proxy(location, is_adapter, ws.model_path(ws.config.models.proxy_base),
-                                                config, device)
+        model, tokenizer = load_trainable_proxy(location, is_adapter, proxy_base, config, device)
     except OSError as exc:
         raise StageError(f"cannot load the proxy from {location}: {exc}") from None
     fit = train_proxy(model, tokenizer, training, ws.config.models.prompt, config, device)
     out_dir = ws.candidates(date) / PROXY_DIR
-    save_proxy(model, tokenizer, out_dir)
+    save_proxy(model, tokenizer, out_dir, base_name=ws.config.models.proxy_base)
 
     with torch.inference_mode():
         scorer = model.merge_and_unload() if config.method == "lora" else model

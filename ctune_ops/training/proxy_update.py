@@ -9,6 +9,7 @@ every weight of a tiny proxy; ``lora`` trains (or continues) a LoRA adapter over
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -100,9 +101,17 @@ def train_proxy(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], prom
     }
 
 
-def save_proxy(model: Any, tokenizer: Any, out_dir: Path) -> None:
-    """The proxy as safetensors (a full model with its tokenizer, or a LoRA adapter), replacing ``out_dir``."""
+def save_proxy(model: Any, tokenizer: Any, out_dir: Path, base_name: str) -> None:
+    """The proxy as safetensors (a full model with its tokenizer, or a LoRA adapter), replacing ``out_dir``.
+
+    An adapter's config names its base as ``base_name`` (``models.proxy_base`` as configured, a workspace path),
+    not where this process found it, so the folder's bytes do not depend on the machine."""
     with atomic_directory(out_dir) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         (tmp / "README.md").unlink(missing_ok=True)  # peft's template model card: absolute paths, nothing else
+        adapter_config = tmp / "adapter_config.json"
+        if adapter_config.exists():
+            config = json.loads(adapter_config.read_text(encoding="utf-8"))
+            config["base_model_name_or_path"] = base_name
+            adapter_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
