@@ -48,8 +48,9 @@ def _first_day_training(ws: Workspace, date: str, lm_device: str) -> None:
         train = run_stage(ws, "train", date).summary
         proxy = run_stage(ws, "proxy", date).summary
         gate = run_stage(ws, "evaluate", date).summary
-    print(f"  train: {train['rows']} rows, {train['steps']} steps, loss {train['first_loss']:.3f} -> "
-          f"{train['final_loss']:.3f}, {train['wall_s']}s on {train['device']}")
+    loss = (f"loss {train['first_loss']:.3f} -> {train['final_loss']:.3f}" if train["steps"] else
+            "nothing to train: the candidate is production unchanged")
+    print(f"  train: {train['rows']} rows, {train['steps']} steps, {loss}, {train['wall_s']}s on {train['device']}")
     print(f"  proxy: {proxy['steps']} steps; trained rows below tau_known {proxy['trained_below_tau']}; Spearman rho "
           f"vs the candidate {proxy['spearman_rho']} (flagged: {proxy['flagged']})")
     retention, _, new = world_task_files(ws, date)
