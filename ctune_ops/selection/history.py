@@ -270,15 +270,15 @@ class History:
                     db.executemany("DELETE FROM bands WHERE key = ? AND ref = ?",
                                    _band_rows([ref for ref, _ in old], old_keys))
                 db.execute(f"DELETE FROM rows WHERE ref IN ({marks})", part)
-            refs = []
-            for row in fresh:
-                cursor = db.execute(
-                    "INSERT INTO rows (date, row_id, fingerprint, signature, decision, version, record) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (date, row.row_id, row.fingerprint, row.signature.astype(np.uint32).tobytes(), initial,
-                     version, dumps_record(row.record)),
-                )
-                refs.append(cursor.lastrowid)
+            # the refs SQLite would pick one by one (max + 1), given up front so one executemany inserts them all
+            first = db.execute("SELECT COALESCE(MAX(ref), 0) FROM rows").fetchone()[0] + 1
+            refs = list(range(first, first + len(fresh)))
+            db.executemany(
+                "INSERT INTO rows (ref, date, row_id, fingerprint, signature, decision, version, record) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(ref, date, row.row_id, row.fingerprint, row.signature.astype(np.uint32).tobytes(), initial,
+                  version, dumps_record(row.record)) for ref, row in zip(refs, fresh, strict=True)],
+            )
             if fresh:
                 keys = np.stack([row.keys for row in fresh])
                 db.executemany("INSERT OR IGNORE INTO bands VALUES (?, ?)", _band_rows(refs, keys))
