@@ -201,6 +201,12 @@ class Workspace:
     def eval_dir(self) -> Path:
         return self.root / "eval"
 
+    def shown(self, path: str | Path) -> str:
+        """``path`` as reports and messages show it: relative to the workspace when inside it, else as given
+        (so a report does not depend on where the workspace is mounted)."""
+        path = Path(path)
+        return path.relative_to(self.root).as_posix() if path.is_relative_to(self.root) else str(path)
+
     def model_path(self, spec: str) -> str:
         """A models.* value as a loadable location: workspace-relative paths become absolute, hub ids stay."""
         candidate = Path(spec) if os.path.isabs(spec) else self.root / spec

@@ -69,5 +69,4 @@ def load_proxy(ws: Workspace, threads: int = 0) -> LoadedProxy:
     except OSError as exc:
         raise StageError(f"cannot load the proxy from {path}: {exc}") from None
     model.to(device).eval()
-    relative = Path(path).relative_to(ws.root).as_posix() if Path(path).is_relative_to(ws.root) else path
-    return LoadedProxy(model, tokenizer, path, f"{ws.current_version}:{relative}")
+    return LoadedProxy(model, tokenizer, path, f"{ws.current_version}:{ws.shown(path)}")

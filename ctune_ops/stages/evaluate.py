@@ -39,7 +39,7 @@ def task_files(ws: Workspace, date: str) -> list[Path]:
     for number, entry in enumerate(ws.config.evaluate.tasks):
         path = ws.root / entry.format(date=date)
         if not path.is_file():
-            raise StageError(f"params.yaml: key 'evaluate.tasks[{number}]': {_shown(ws, path)} does not "
+            raise StageError(f"params.yaml: key 'evaluate.tasks[{number}]': {ws.shown(path)} does not "
                              "exist (an lm-eval task YAML, relative to the workspace; {date} = the batch date)")
         files.append(path)
     return files
@@ -79,10 +79,6 @@ def production_identity(ws: Workspace) -> str:
         if item.is_file():
             digest.update(item.name.encode() + item.read_bytes())
     return digest.hexdigest()[:16]
-
-
-def _shown(ws: Workspace, path: Path) -> str:
-    return path.relative_to(ws.root).as_posix() if path.is_relative_to(ws.root) else str(path)
 
 
 def production_adapter(ws: Workspace) -> str | None:
@@ -149,8 +145,8 @@ def run(ws: Workspace, date: str) -> StageResult:
         "checks": checks,
         "production": {"version": version, "adapter": production_adapter(ws) and DEPLOYED,
                        "scores": production, "cached": len(files) - len(todo)},
-        "candidate": {"adapter": adapter.relative_to(ws.root).as_posix(), "scores": candidate},
-        "tasks": {keys[path][0]: _shown(ws, path) for path in files},
+        "candidate": {"adapter": ws.shown(adapter), "scores": candidate},
+        "tasks": {keys[path][0]: ws.shown(path) for path in files},
         "device": device,
     }
     write_report(ws.reports(date) / REPORT_FILE, report)

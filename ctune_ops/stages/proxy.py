@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -121,9 +120,8 @@ def run(ws: Workspace, date: str) -> StageResult:
     below = float(np.mean(trained_ppl <= tau)) if tau is not None and len(trained_ppl) else None
     report = {
         "date": date,
-        "proxy_before": (Path(location).relative_to(ws.root).as_posix()
-                         if Path(location).is_relative_to(ws.root) else location),
-        "proxy_after": out_dir.relative_to(ws.root).as_posix(),
+        "proxy_before": ws.shown(location),
+        "proxy_after": ws.shown(out_dir),
         "training": fit,
         "alignment": {
             "probe_rows": len(probe),
