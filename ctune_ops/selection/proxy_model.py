@@ -48,25 +48,31 @@ def proxy_location(ws: Workspace) -> tuple[str, bool]:
     return base, False
 
 
-def load_proxy(ws: Workspace, threads: int = 0) -> LoadedProxy:
+def load_scoring_model(base: str, adapter: str | None, device: str) -> tuple[Any, Any]:
+    """An fp32 causal LM in eval mode on ``device``, with ``adapter`` (LoRA) merged into ``base`` when given
+    (scoring needs no adapter bookkeeping), and the base's tokenizer. Loads safetensors only."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base, use_safetensors=True, dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return model.to(device).eval(), AutoTokenizer.from_pretrained(base)
+
+
+def load_proxy(ws: Workspace, threads: int = 0) -> LoadedProxy:
+    import torch
 
     if threads:
         torch.set_num_threads(threads)
     config = ws.config.models
     path, is_adapter = proxy_location(ws)
     base = ws.model_path(config.proxy_base)
-    device = pick_device(config.device)
     try:
-        model = AutoModelForCausalLM.from_pretrained(base if is_adapter else path, use_safetensors=True,
-                                                     dtype=torch.float32)
-        if is_adapter:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, path).merge_and_unload()
-        tokenizer = AutoTokenizer.from_pretrained(base if is_adapter else path)
+        model, tokenizer = load_scoring_model(base if is_adapter else path, path if is_adapter else None,
+                                              pick_device(config.device))
     except OSError as exc:
         raise StageError(f"cannot load the proxy from {path}: {exc}") from None
-    model.to(device).eval()
     return LoadedProxy(model, tokenizer, path, f"{ws.current_version}:{ws.shown(path)}")

@@ -65,22 +65,10 @@ def conditioned_losses(model: Any, tokenizer: Any, records: list[dict[str, Any]]
     return np.asarray(losses, dtype=float)
 
 
-def load_candidate(ws: Workspace, adapter: str, device: str) -> tuple[Any, Any]:
-    """The candidate deployed model: base + the day's adapter, merged (scoring needs no adapter bookkeeping)."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    base = ws.model_path(ws.config.models.base)
-    model = AutoModelForCausalLM.from_pretrained(base, use_safetensors=True, dtype=torch.float32)
-    model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    return model.to(device).eval(), AutoTokenizer.from_pretrained(base)
-
-
 def run(ws: Workspace, date: str) -> StageResult:
     import torch
 
-    from ctune_ops.selection.proxy_model import pick_device, proxy_location
+    from ctune_ops.selection.proxy_model import load_scoring_model, pick_device, proxy_location
     from ctune_ops.training.proxy_update import load_trainable_proxy, save_proxy, train_proxy
 
     config = ws.config.proxy
@@ -113,7 +101,8 @@ def run(ws: Workspace, date: str) -> StageResult:
         pool = [r for r in unique if str(r["id"]) not in trained_ids]
         probe = random.Random(f"{config.seed}:{date}:probe").sample(pool, min(config.probe_rows, len(pool)))
         proxy_loss = conditioned_losses(scorer, tokenizer, probe, ws)
-        candidate, candidate_tokenizer = load_candidate(ws, str(adapter), device)
+        candidate, candidate_tokenizer = load_scoring_model(ws.model_path(ws.config.models.base), str(adapter),
+                                                            device)
         candidate_loss = conditioned_losses(candidate, candidate_tokenizer, probe, ws)
     rho = spearman(proxy_loss, candidate_loss) if len(probe) >= MIN_PROBE_ROWS else float("nan")
     tau = selection.get("tau_known")
