@@ -39,29 +39,26 @@ def _selection(ws: Workspace, dates: list[str]) -> None:
               f"rows dropped {q['known_dropped']:.2f}; new-fact rows kept {q['new_kept']:.2f}")
 
 
-def _first_day_training(ws: Workspace, date: str, lm_device: str) -> None:
-    """train, proxy and evaluate on the first day, and what the candidate learned (lm-eval, before and after)."""
+def _first_day_training(ws: Workspace, date: str) -> None:
+    """train, proxy and evaluate on the first day, and what the candidate learned (the gate's lm-eval scores)."""
     from ctune_ops.stages import run_stage
 
     print(f"\ntrain -> proxy -> evaluate on {date} (the candidate is not promoted: promote comes next):")
     with ws.lock(purpose=f"demo train {date}"):
         train = run_stage(ws, "train", date).summary
         proxy = run_stage(ws, "proxy", date).summary
-        gate = run_stage(ws, "evaluate", date).summary
+        evaluated = run_stage(ws, "evaluate", date)
     loss = (f"loss {train['first_loss']:.3f} -> {train['final_loss']:.3f}" if train["steps"] else
             "nothing to train: the candidate is production unchanged")
     print(f"  train: {train['rows']} rows, {train['steps']} steps, {loss}, {train['wall_s']}s on {train['device']}")
     print(f"  proxy: {proxy['steps']} steps; trained rows below tau_known {proxy['trained_below_tau']}; Spearman rho "
           f"vs the candidate {proxy['spearman_rho']} (flagged: {proxy['flagged']})")
-    retention, _, new = world_task_files(ws, date)
-    base = str(ws.model_path(ws.config.models.base))
-    before = lmeval.evaluate(base, [retention, new], device=lm_device, cache_dir=ws.root / ".lmeval-cache")
-    after = lmeval.evaluate(base, [retention, new], peft=str(ws.candidates(date) / "adapter"), device=lm_device)
-    for task, label in ((evalsets.RETENTION_TASK, evalsets.RETENTION_TASK), (evalsets.NEW_TASK,
-                                                                               f"{evalsets.NEW_TASK} {date}")):
-        print(f"  {label:<28}{before[task]['acc']:.3f} -> {after[task]['acc']:.3f}")
+    gate, report_path = evaluated.summary, evaluated.outputs["report"]
+    report = json.loads((ws.root / report_path).read_text(encoding="utf-8"))
+    for check in report["checks"]:  # production (the base: nothing promoted) -> candidate, as the gate saw them
+        print(f"  {check['task']:<28}{check['production']:.3f} -> {check['candidate']:.3f}")
     failed = f" (failed: {', '.join(gate['failed'])})" if gate["failed"] else ""
-    print(f"  evaluate gate (reports/{date}/eval.json): {gate['decision']}{failed}")
+    print(f"  evaluate gate ({report_path}): {gate['decision']}{failed}")
 
 
 def _bootstrapped(ws: Workspace) -> bool:
@@ -121,7 +118,7 @@ def run_demo(directory: Path, days: int, seed: int | None = None) -> int:
         reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(summary["reasons"].items()))
         print(f"  {date}: {summary['raw']} = {summary['accepted']} + {summary['quarantined']}  ({reasons})")
     _selection(ws, generated.dates)
-    _first_day_training(ws, generated.dates[0], lm_device=lmeval.resolve_device(ws.config.models.device))
+    _first_day_training(ws, generated.dates[0])
     print("\npromote is not built yet: no day is promoted, so later days are judged by the bootstrapped models")
     print(f"demo finished in {time.perf_counter() - started:.0f}s; workspace: {ws.root}")
     return 0
