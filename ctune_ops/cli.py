@@ -2,7 +2,8 @@
 
 ``ctune init DIR`` creates a workspace; ``ctune world generate|bootstrap|evaluate`` make and measure the demo
 world; ``ctune demo`` runs the main job end to end; ``ctune config check`` validates params.yaml;
-``ctune stage NAME --date D`` runs one pipeline stage for one day (what dvc.yaml and the operators call).
+``ctune stage NAME --date D`` runs one pipeline stage for one day (what dvc.yaml and the operators call);
+``ctune promote``, ``ctune rollback``, ``ctune versions`` and ``ctune status`` manage versions.
 Every failure prints one clear message and exits non-zero, never a traceback for a user error.
 """
 
@@ -72,10 +73,91 @@ def _cmd_stage(args: argparse.Namespace) -> int:
     from ctune_ops.stages import run_stage
 
     ws = Workspace.open(args.workspace)
-    result = run_stage(ws, args.name, args.date)
+    with ws.lock(purpose=f"ctune stage {args.name} --date {args.date}"):
+        result = run_stage(ws, args.name, args.date)
     print(json.dumps(result.summary, indent=1, sort_keys=True))
     for name, path in result.outputs.items():
         print(f"{name}: {path}")
+    return 0
+
+
+def _cmd_promote(args: argparse.Namespace) -> int:
+    from ctune_ops.registry import promote
+    from ctune_ops.stages import check_date
+
+    ws = Workspace.open(args.workspace)
+    with ws.lock(purpose=f"ctune promote --date {args.date}"):
+        outcome = promote(ws, check_date(args.date), after_step=lambda step: print(f"  {step}: done"))
+    if outcome.already:
+        print(f"{args.date} was already recorded ({outcome.decision}); production is {outcome.version}")
+    elif outcome.decision == "promote":
+        print(f"{args.date}: promoted {outcome.version} (parent {outcome.parent}); CURRENT = {outcome.version}")
+    else:
+        print(f"{args.date}: kept {outcome.version}: the gate rejected the candidate (reports/{args.date}/eval.json)")
+    return 0
+
+
+def _cmd_rollback(args: argparse.Namespace) -> int:
+    from ctune_ops.registry import rollback
+
+    ws = Workspace.open(args.workspace)
+    with ws.lock(purpose=f"ctune rollback {args.version}"):
+        outcome = rollback(ws, args.version, after_step=lambda step: print(f"  {step}: done"))
+    if outcome.already:
+        print(f"{outcome.version} is already production; nothing changed")
+    else:
+        print(f"rolled back {outcome.previous} -> {outcome.version}; CURRENT = {outcome.version}")
+    return 0
+
+
+def _format_metrics(metrics: dict[str, float | None], tasks: list[str]) -> str:
+    return "".join(f"{'-' if metrics.get(t) is None else format(metrics[t], '.3f'):>18}" for t in tasks)
+
+
+def versions_lines(rows: list[dict]) -> list[str]:
+    """The versions table as text lines (``ctune versions`` and the demo)."""
+    tasks = sorted({task for row in rows for task in row["metrics"]})
+    lines = [f"{'':2}{'version':<9}{'date':<12}{'parent':<8}{'rows':>6}" + "".join(f"{t[:17]:>18}" for t in tasks)]
+    for row in rows:
+        rows_trained = "-" if row["training_rows"] is None else str(row["training_rows"])
+        lines.append(f"{'*' if row['current'] else '':2}{row['version']:<9}{row['date'] or '-':<12}"
+                     f"{row['parent'] or '-':<8}{rows_trained:>6}" + _format_metrics(row["metrics"], tasks))
+    lines.append("(* = CURRENT; rows = training rows of the day that made the version; scores: the gate's metric)")
+    return lines
+
+
+def _cmd_versions(args: argparse.Namespace) -> int:
+    from ctune_ops.registry import versions_table
+
+    rows = versions_table(Workspace.open(args.workspace))
+    print(json.dumps(rows, indent=1) if args.json else "\n".join(versions_lines(rows)))
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from ctune_ops.registry import status
+
+    state = status(Workspace.open(args.workspace))
+    if args.json:
+        print(json.dumps(state, indent=1))
+        return 0
+    print(f"current version: {state['current']}")
+    last = state["last_day"]
+    if last is None:
+        print("last day: none recorded yet")
+    else:
+        outcome = (f"promoted {last['version']}" if last["outcome"] == "promote" else
+                   f"kept {last['version']} (gate failed: {', '.join(last['failed']) or '-'})")
+        funnel = last["funnel"]
+        print(f"last day: {last['date']}: {outcome}; accepted {funnel['accepted']}, selected {funnel['selected']}, "
+              f"training rows {funnel['training_rows']}")
+        print("  " + ", ".join(f"{task} {score:.3f}" for task, score in sorted(last["metrics"].items())
+                               if score is not None))
+    if state["last_rollback"]:
+        r = state["last_rollback"]
+        print(f"last rollback: {r['from']} -> {r['version']} at {r['at']}")
+    if state["interrupted"]:
+        print(f"INTERRUPTED: {state['interrupted']}")
     return 0
 
 
@@ -120,6 +202,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--date", required=True, help="batch date, YYYY-MM-DD")
     p.add_argument("--workspace", default=".")
     p.set_defaults(func=_cmd_stage)
+
+    p = sub.add_parser("promote", help="version the day: promote its candidate or keep production, as the gate said")
+    p.add_argument("--date", required=True, help="batch date, YYYY-MM-DD")
+    p.add_argument("--workspace", default=".")
+    p.set_defaults(func=_cmd_promote)
+
+    p = sub.add_parser("rollback", help="make an earlier version production again (adapter, proxy, state/)")
+    p.add_argument("version", help="a promoted version, e.g. v3 (see `ctune versions`)")
+    p.add_argument("--workspace", default=".")
+    p.set_defaults(func=_cmd_rollback)
+
+    p = sub.add_parser("versions", help="the table of versions with their metrics")
+    p.add_argument("--workspace", default=".")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_versions)
+
+    p = sub.add_parser("status", help="the current version and the last day's outcome")
+    p.add_argument("--workspace", default=".")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser("demo", help="the main job: a workspace with the demo world through the pipeline")
     p.add_argument("--workspace", default="demo-workspace")

@@ -1,11 +1,10 @@
 """The main job (``make demo``): a workspace with the demo world, the tiny models, and what can be run on them.
 
-Until the daily DAG exists, the demo runs the parts that do: it creates (or reuses) the workspace, generates the
+Until the daily DAG runs it, the demo calls the stages itself: it creates (or reuses) the workspace, generates the
 world, bootstraps the models, measures the base model with lm-eval on retention and on every day's new facts (the
-baseline every later day of continual learning is measured against), and runs the validate, dedup, score and
-select stages on every day, printing each day's funnel and how it compares with the world's hidden truth, then
-trains the candidate and the proxy on the first day, measures what the candidate learned and runs the eval gate.
-Promotion is not built yet, so no row becomes *trained* and nothing is learned between days.
+baseline every later day of continual learning is measured against), validates every day, then runs each day's
+cycle in order -- dedup, score, select (with how the funnel compares with the world's hidden truth), train, proxy,
+evaluate, promote or keep -- and prints the versions it made.
 """
 
 from __future__ import annotations
@@ -21,44 +20,46 @@ from ctune_ops.world.generate import generate_world
 from ctune_ops.world.measure import world_task_files
 
 
-def _selection(ws: Workspace, dates: list[str]) -> None:
-    """dedup, score and select on every day; the funnel, and the truth's view of it."""
+def _day(ws: Workspace, date: str) -> None:
+    """One day of the daily cycle: selection (with the hidden truth's view), training, the gate, promote or keep."""
     from ctune_ops.stages import run_stage
     from ctune_ops.world.selection_truth import selection_quality
 
-    print("\ndedup -> score -> select per day (funnel; then the hidden truth's view):")
-    for date in dates:
-        with ws.lock(purpose=f"demo selection {date}"):
-            for stage in ("dedup", "score", "select"):
-                summary = run_stage(ws, stage, date).summary
+    with ws.lock(purpose=f"demo day {date}"):
+        for stage in ("dedup", "score", "select"):
+            summary = run_stage(ws, stage, date).summary
         print(f"  {date}: accepted {summary['accepted']} -> exact dup {summary['exact_duplicate']}, near dup "
               f"{summary['near_duplicate']}, misaligned {summary['misaligned']}, known {summary['known']} "
               f"(tau_known {summary['tau_known']:.3f}), selected {summary['selected']} + replay {summary['replay']}")
         q = selection_quality(ws, date)
         print(f"    truth: dedup precision {q['dedup_precision']:.2f} recall {q['dedup_recall']:.2f}; known-fact "
               f"rows dropped {q['known_dropped']:.2f}; new-fact rows kept {q['new_kept']:.2f}")
-
-
-def _first_day_training(ws: Workspace, date: str) -> None:
-    """train, proxy and evaluate on the first day, and what the candidate learned (the gate's lm-eval scores)."""
-    from ctune_ops.stages import run_stage
-
-    print(f"\ntrain -> proxy -> evaluate on {date} (the candidate is not promoted: promote comes next):")
-    with ws.lock(purpose=f"demo train {date}"):
         train = run_stage(ws, "train", date).summary
         proxy = run_stage(ws, "proxy", date).summary
         evaluated = run_stage(ws, "evaluate", date)
+        promoted = run_stage(ws, "promote", date).summary
     loss = (f"loss {train['first_loss']:.3f} -> {train['final_loss']:.3f}" if train["steps"] else
             "nothing to train: the candidate is production unchanged")
-    print(f"  train: {train['rows']} rows, {train['steps']} steps, {loss}, {train['wall_s']}s on {train['device']}")
-    print(f"  proxy: {proxy['steps']} steps; trained rows below tau_known {proxy['trained_below_tau']}; Spearman rho "
-          f"vs the candidate {proxy['spearman_rho']} (flagged: {proxy['flagged']})")
-    gate, report_path = evaluated.summary, evaluated.outputs["report"]
-    report = json.loads((ws.root / report_path).read_text(encoding="utf-8"))
-    for check in report["checks"]:  # production (the base: nothing promoted) -> candidate, as the gate saw them
-        print(f"  {check['task']:<28}{check['production']:.3f} -> {check['candidate']:.3f}")
-    failed = f" (failed: {', '.join(gate['failed'])})" if gate["failed"] else ""
-    print(f"  evaluate gate ({report_path}): {gate['decision']}{failed}")
+    print(f"    train: {train['rows']} rows, {train['steps']} steps, {loss}, {train['wall_s']}s on {train['device']}")
+    print(f"    proxy: {proxy['steps']} steps; trained rows below tau_known {proxy['trained_below_tau']}; Spearman "
+          f"rho vs the candidate {proxy['spearman_rho']} (flagged: {proxy['flagged']})")
+    report = json.loads((ws.root / evaluated.outputs["report"]).read_text(encoding="utf-8"))
+    checks = ", ".join(f"{c['task']} {c['production']:.3f} -> {c['candidate']:.3f}" for c in report["checks"])
+    failed = evaluated.summary["failed"]
+    print(f"    gate: {checks}: {evaluated.summary['decision']}" + (f" (failed: {', '.join(failed)})" * bool(failed)))
+    if promoted["decision"] == "promote":
+        print(f"    promoted {promoted['version']} (parent {promoted['parent']}; git tag {promoted['version']})")
+    else:
+        print(f"    kept {promoted['version']}: production unchanged, the day's selected rows marked not trained")
+
+
+def _versions(ws: Workspace) -> None:
+    from ctune_ops.cli import versions_lines
+    from ctune_ops.registry import versions_table
+
+    print("\nversions (`ctune versions`):")
+    for line in versions_lines(versions_table(ws)):
+        print("  " + line)
 
 
 def _bootstrapped(ws: Workspace) -> bool:
@@ -117,8 +118,9 @@ def run_demo(directory: Path, days: int, seed: int | None = None) -> int:
             summary = run_stage(ws, "validate", date).summary
         reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(summary["reasons"].items()))
         print(f"  {date}: {summary['raw']} = {summary['accepted']} + {summary['quarantined']}  ({reasons})")
-    _selection(ws, generated.dates)
-    _first_day_training(ws, generated.dates[0])
-    print("\npromote is not built yet: no day is promoted, so later days are judged by the bootstrapped models")
+    print("\nthe daily cycle per day: dedup -> score -> select -> train -> proxy -> evaluate -> promote or keep")
+    for date in generated.dates:
+        _day(ws, date)
+    _versions(ws)
     print(f"demo finished in {time.perf_counter() - started:.0f}s; workspace: {ws.root}")
     return 0

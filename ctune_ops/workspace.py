@@ -11,6 +11,7 @@ import errno
 import fcntl
 import logging
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -25,6 +26,7 @@ from ctune_ops.config import PARAMS_FILE, CtuneConfig, load_config
 
 DVC_FILE = "dvc.yaml"
 LOCK_FILE = ".ctune/lock"
+JOURNAL_FILE = ".ctune/journal.json"  # an interrupted promote or rollback, resumed by running it again
 MARKER_FILE = ".ctune/workspace"
 CURRENT_FILE = "CURRENT"  # the served version, written by promote and rollback
 BASE_VERSION = "v0"  # the base model, before the first promotion
@@ -59,11 +61,15 @@ GITIGNORE = """\
 # ctune workspace: code-free, data tracked by DVC, small text by git
 /dvc-remote/
 /.ctune/lock
+/.ctune/journal.json
 /models/candidates/
 /.lmeval-cache/
 *.tmp
 __pycache__/
 """
+
+
+_BATCH_DATE = re.compile(r"^(\s+date:\s*)([^#\s]*)(.*\n?)$")
 
 
 def _default_file_mode() -> int:
@@ -248,6 +254,30 @@ class Workspace:
                 handle.seek(0)
                 handle.truncate()
                 fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+    def set_batch_date(self, date: str) -> bool:
+        """Write ``batch.date: "date"`` into params.yaml (what ``${batch.date}`` in dvc.yaml reads), keeping the
+        file's comments and layout; returns False when it already says so."""
+        path = self.root / "params.yaml"
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        in_batch = False
+        for number, line in enumerate(lines):
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            if not line[0].isspace():
+                in_batch = line.split("#")[0].strip() == "batch:"
+                continue
+            match = _BATCH_DATE.match(line)
+            if in_batch and match:
+                new = f'{match.group(1)}"{date}"{match.group(3)}'
+                if new == line:
+                    return False
+                lines[number] = new
+                atomic_write_text(path, "".join(lines))
+                self.__dict__.pop("config", None)  # the cached config no longer matches the file
+                return True
+        raise WorkspaceError(f"{path}: no 'date:' key under 'batch:'; add `batch:\n  date: null` (DVC's "
+                             "${batch.date} reads it)")
 
     # -- git ------------------------------------------------------------------------------------------------
     def git(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ctune_ops.cli import main
-from ctune_ops.stages import STAGE_NAMES, StageError, get_stage
+from ctune_ops.stages import DVC_STAGE_NAMES, STAGE_NAMES, StageError, get_stage
 from ctune_ops.workspace import Workspace
 
 from .validate_support import install_tokenizer, line, outputs, record, train_small_tokenizer, write_day
@@ -32,8 +32,10 @@ def test_registry() -> None:
     assert get_stage("train").__module__ == "ctune_ops.stages.train"
     assert get_stage("proxy").__module__ == "ctune_ops.stages.proxy"
     assert get_stage("evaluate").__module__ == "ctune_ops.stages.evaluate"
-    with pytest.raises(StageError, match="unknown stage 'promote'"):
-        get_stage("promote")
+    assert get_stage("promote").__module__ == "ctune_ops.stages.promote"
+    assert STAGE_NAMES[-1] == "promote" and "promote" not in DVC_STAGE_NAMES  # promote is no DVC stage
+    with pytest.raises(StageError, match="unknown stage 'serve'"):
+        get_stage("serve")
 
 
 def test_cli_stage(ws: Workspace, capsys: pytest.CaptureFixture[str]) -> None:

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ctune_ops.workspace import Workspace
 
-# Pipeline order (DESIGN §3); promote is not a stage (it moves candidates into models/ and tags a version).
+# Pipeline order (DESIGN §3). Promote is no DVC stage (it versions what the others made: candidates into models/,
+# dvc add, commit, tag), but it runs like one, so operators and `ctune stage promote` call it the same way.
 _STAGES = {
     "validate": "ctune_ops.stages.validate:run",
     "dedup": "ctune_ops.stages.dedup:run",
@@ -26,7 +27,9 @@ _STAGES = {
     "train": "ctune_ops.stages.train:run",
     "proxy": "ctune_ops.stages.proxy:run",
     "evaluate": "ctune_ops.stages.evaluate:run",
+    "promote": "ctune_ops.stages.promote:run",
 }
+DVC_STAGE_NAMES = tuple(name for name in _STAGES if name != "promote")
 STAGE_NAMES = tuple(_STAGES)
 
 
@@ -68,5 +71,12 @@ def check_date(date: str) -> str:
 
 
 def run_stage(ws: Workspace, name: str, date: str) -> StageResult:
-    """Run stage ``name`` for batch date ``date`` on the workspace (the caller holds the workspace lock)."""
-    return get_stage(name)(ws, check_date(date))
+    """Run stage ``name`` for batch date ``date`` on the workspace (the caller holds the workspace lock).
+
+    Refuses while a promote or rollback is half done (only promote itself may finish it)."""
+    stage = get_stage(name)
+    if name != "promote":
+        from ctune_ops.registry import refuse_if_interrupted
+
+        refuse_if_interrupted(ws)
+    return stage(ws, check_date(date))
