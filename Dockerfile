@@ -29,14 +29,15 @@ ENV PYTHONUNBUFFERED=1 \
     TRANSFORMERS_OFFLINE=1 \
     HF_DATASETS_OFFLINE=1
 
-# git: every workspace is a git + DVC repository
+# git: every workspace is a git + DVC repository; curl: the compose health checks
 RUN apt-get update \
- && apt-get install -y --no-install-recommends git \
+ && apt-get install -y --no-install-recommends git curl \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/ctune
 COPY setup.cfg pyproject.toml constraints.txt README.md ./
 COPY ctune_ops ./ctune_ops
+COPY dags ./dags
 
 RUN case "${TORCH_VARIANT}" in \
         cuda) torch_pin="torch==${TORCH_VERSION}"; index="" ;; \
@@ -46,15 +47,15 @@ RUN case "${TORCH_VARIANT}" in \
  && sed "s/^torch==.*/${torch_pin}/" constraints.txt > /tmp/constraints.txt \
  && grep -qx "${torch_pin}" /tmp/constraints.txt \
  && python -m pip install "pip==${PIP_VERSION}" \
- && python -m pip install ${index} -c /tmp/constraints.txt . \
+ && python -m pip install ${index} -c /tmp/constraints.txt ".[production]" \
  && rm /tmp/constraints.txt \
  && python -c "import ctune_ops.airflow.kubernetes, ctune_ops.training.spec"
 
 # a non-root user; its uid is train.kubernetes.run_as_user and fs_group in params.yaml
 RUN groupadd --gid "${CTUNE_UID}" ctune \
  && useradd --uid "${CTUNE_UID}" --gid "${CTUNE_UID}" --create-home --shell /usr/sbin/nologin ctune \
- && mkdir -p /workspace \
- && chown ctune:ctune /workspace
+ && mkdir -p /workspace /opt/airflow \
+ && chown ctune:ctune /workspace /opt/airflow
 USER ctune
 
 # the workspace volume is mounted here (train.kubernetes.workspace_mount_path), so `ctune stage NAME --date D`

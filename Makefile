@@ -8,7 +8,7 @@ DEMO_WORKSPACE ?= demo-workspace
 DAYS ?= 5
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint clean
+.PHONY: install demo airflow test lint clean
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/ctune demo --workspace $(DEMO_WORKSPACE) --days $(DAYS)
+
+# the Airflow UI on the demo workspace (after `make demo`): its DAGs, the demo's runs, ctune's page
+airflow: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/ctune airflow standalone --workspace $(DEMO_WORKSPACE)
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -161,6 +161,52 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _local_airflow(args: argparse.Namespace):  # noqa: ANN202 - LocalAirflow, imported lazily
+    from ctune_ops.airflow.local import LocalAirflow
+
+    ws = Workspace.open(args.workspace)
+    return ws, LocalAirflow(ws.root, start_date=args.start or ws.config.world.start_date,
+                            end_date=getattr(args, "end", None) or _last_world_day(ws))
+
+
+def _last_world_day(ws: Workspace) -> str | None:
+    """The demo world's last generated day (the DAG schedules nothing after it); None outside the demo world."""
+    from ctune_ops.world.generate import MANIFEST
+
+    path = ws.world_dir / MANIFEST
+    return json.loads(path.read_text(encoding="utf-8"))["dates"][-1] if path.exists() else None
+
+
+def _cmd_airflow_setup(args: argparse.Namespace) -> int:
+    ws, local = _local_airflow(args)
+    local.setup()
+    print(f"Airflow home {local.home}: metadata DB migrated, pool ctune_workspace (1 slot), Variable "
+          f"ctune_workspace = {ws.root}")
+    return 0
+
+
+def _cmd_airflow_backfill(args: argparse.Namespace) -> int:
+    _, local = _local_airflow(args)
+    local.setup()
+    with local.running():
+        runs = local.backfill("ctune_daily", args.start, args.end, timeout_s=args.timeout,
+                              progress=lambda run: print(f"  {run['logical_date'][:10]}: {run['state']}"))
+    failed = [run for run in runs if run["state"] != "success"]
+    print(f"{len(runs) - len(failed)} of {len(runs)} runs succeeded; logs in {local.home / 'logs'}")
+    return 1 if failed else 0
+
+
+def _cmd_airflow_standalone(args: argparse.Namespace) -> int:
+    import os
+
+    _, local = _local_airflow(args)
+    local.setup()
+    print(f"airflow standalone on {local.url} (user admin, password in "
+          f"{local.home / 'simple_auth_manager_passwords.json.generated'}); Ctrl-C stops it")
+    os.execvpe("airflow", ["airflow", "standalone"], local.env())
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ctune_ops.demo import run_demo
 
@@ -222,6 +268,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workspace", default=".")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_status)
+
+    airflow = sub.add_parser("airflow", help="Airflow on this machine for a workspace (SQLite, LocalExecutor)")
+    airflow_sub = airflow.add_subparsers(dest="airflow_command", required=True)
+    p = airflow_sub.add_parser("setup", help="migrate the metadata DB, create the pool and the workspace Variable")
+    p.add_argument("--workspace", default=".")
+    p.add_argument("--start", default=None, help="the DAG's start date (default: world.start_date)")
+    p.set_defaults(func=_cmd_airflow_setup)
+    p = airflow_sub.add_parser("backfill", help="run days through ctune_daily with a local scheduler, and wait")
+    p.add_argument("--workspace", default=".")
+    p.add_argument("--start", required=True, help="first batch date, YYYY-MM-DD")
+    p.add_argument("--end", required=True, help="last batch date, YYYY-MM-DD")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the runs")
+    p.set_defaults(func=_cmd_airflow_backfill)
+    p = airflow_sub.add_parser("standalone", help="`airflow standalone` on the workspace (UI, scheduler, ...)")
+    p.add_argument("--workspace", default=".")
+    p.add_argument("--start", default=None, help="the DAG's start date (default: world.start_date)")
+    p.set_defaults(func=_cmd_airflow_standalone)
 
     p = sub.add_parser("demo", help="the main job: a workspace with the demo world through the pipeline")
     p.add_argument("--workspace", default="demo-workspace")

@@ -1,10 +1,11 @@
 """The main job (``make demo``): a workspace with the demo world, the tiny models, and what can be run on them.
 
-Until the daily DAG runs it, the demo calls the stages itself: it creates (or reuses) the workspace, generates the
-world, bootstraps the models, measures the base model with lm-eval on retention and on every day's new facts (the
-baseline every later day of continual learning is measured against), validates every day, then runs each day's
-cycle in order -- dedup, score, select (with how the funnel compares with the world's hidden truth), train, proxy,
-evaluate, promote or keep -- and prints the versions it made.
+It creates (or reuses) the workspace, generates the world, bootstraps the models, measures the base model with
+lm-eval on retention and on every day's new facts (the baseline every later day of continual learning is measured
+against), then runs every day through the real ``ctune_daily`` DAG: a local Airflow (SQLite metadata DB,
+LocalExecutor, api-server + scheduler + dag-processor) executes ``airflow backfill create`` over the world's days.
+Then it prints each day's funnel next to the world's hidden truth, the gate's scores, what was promoted or kept,
+and the versions table.
 """
 
 from __future__ import annotations
@@ -19,38 +20,67 @@ from ctune_ops.world import evalsets
 from ctune_ops.world.generate import generate_world
 from ctune_ops.world.measure import world_task_files
 
+DAG_TIMEOUT_S = 3600.0  # the whole backfill; 5 demo days take about 5 minutes on 2 cores
 
-def _day(ws: Workspace, date: str) -> None:
-    """One day of the daily cycle: selection (with the hidden truth's view), training, the gate, promote or keep."""
-    from ctune_ops.stages import run_stage
+
+def _report(ws: Workspace, date: str, name: str) -> dict:
+    path = ws.reports(date) / name
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+def _day_summary(ws: Workspace, date: str) -> None:
+    """One day as the DAG left it: funnel, the truth's view of it, training, the gate, promote or keep."""
+    from ctune_ops.registry import Registry
     from ctune_ops.world.selection_truth import selection_quality
 
-    with ws.lock(purpose=f"demo day {date}"):
-        for stage in ("dedup", "score", "select"):
-            summary = run_stage(ws, stage, date).summary
-        print(f"  {date}: accepted {summary['accepted']} -> exact dup {summary['exact_duplicate']}, near dup "
-              f"{summary['near_duplicate']}, misaligned {summary['misaligned']}, known {summary['known']} "
-              f"(tau_known {summary['tau_known']:.3f}), selected {summary['selected']} + replay {summary['replay']}")
-        q = selection_quality(ws, date)
-        print(f"    truth: dedup precision {q['dedup_precision']:.2f} recall {q['dedup_recall']:.2f}; known-fact "
-              f"rows dropped {q['known_dropped']:.2f}; new-fact rows kept {q['new_kept']:.2f}")
-        train = run_stage(ws, "train", date).summary
-        proxy = run_stage(ws, "proxy", date).summary
-        evaluated = run_stage(ws, "evaluate", date)
-        promoted = run_stage(ws, "promote", date).summary
-    loss = (f"loss {train['first_loss']:.3f} -> {train['final_loss']:.3f}" if train["steps"] else
-            "nothing to train: the candidate is production unchanged")
-    print(f"    train: {train['rows']} rows, {train['steps']} steps, {loss}, {train['wall_s']}s on {train['device']}")
-    print(f"    proxy: {proxy['steps']} steps; trained rows below tau_known {proxy['trained_below_tau']}; Spearman "
-          f"rho vs the candidate {proxy['spearman_rho']} (flagged: {proxy['flagged']})")
-    report = json.loads((ws.root / evaluated.outputs["report"]).read_text(encoding="utf-8"))
-    checks = ", ".join(f"{c['task']} {c['production']:.3f} -> {c['candidate']:.3f}" for c in report["checks"])
-    failed = evaluated.summary["failed"]
-    print(f"    gate: {checks}: {evaluated.summary['decision']}" + (f" (failed: {', '.join(failed)})" * bool(failed)))
-    if promoted["decision"] == "promote":
-        print(f"    promoted {promoted['version']} (parent {promoted['parent']}; git tag {promoted['version']})")
+    validation, selection = _report(ws, date, "validation.json"), _report(ws, date, "selection.json")
+    if not selection:
+        print(f"  {date}: no selection report (the run failed before select; see the Airflow logs)")
+        return
+    f = selection["funnel"]
+    print(f"  {date}: raw {validation['raw']} -> quarantined {validation['quarantined']}, duplicates "
+          f"{f['exact_duplicate'] + f['near_duplicate']}, known {f['known']} (tau_known {selection['tau_known']:.3f}), "
+          f"misaligned {f['misaligned']}, selected {f['selected']} + replay {f['replay']}; tokens selected "
+          f"{selection['selected_tokens']} of {selection['unique_tokens']} "
+          f"({selection['selected_tokens'] / max(selection['unique_tokens'], 1):.0%})")
+    q = selection_quality(ws, date)
+    print(f"    truth: dedup precision {q['dedup_precision']:.2f} recall {q['dedup_recall']:.2f}; known-fact rows "
+          f"dropped {q['known_dropped']:.2f}; new-fact rows kept {q['new_kept']:.2f}")
+    train, proxy, evaluation = (_report(ws, date, name) for name in ("train.json", "proxy.json", "eval.json"))
+    if train:
+        print(f"    train: {train['rows']} rows, {train['steps']} steps, {train.get('wall_s')}s; proxy: rows trained "
+              f"below tau_known {proxy.get('trained_below_tau')}, Spearman rho {proxy['alignment']['spearman_rho']}")
+    if evaluation:
+        checks = ", ".join(f"{c['task']} {c['production']:.3f} -> {c['candidate']:.3f}" for c in evaluation["checks"])
+        print(f"    gate: {checks}: {evaluation['decision']}")
+    outcome = Registry.load(ws).day_outcome(date)
+    if outcome is None:
+        print("    not versioned (promote did not run)")
+    elif outcome["kind"] == "promote":
+        print(f"    promoted {outcome['version']} (parent {outcome['parent']}; git tag {outcome['version']})")
     else:
-        print(f"    kept {promoted['version']}: production unchanged, the day's selected rows marked not trained")
+        print(f"    kept {outcome['version']}: production unchanged, the day's selected rows marked not trained")
+
+
+def _run_days(ws: Workspace, dates: list[str]) -> bool:
+    """The days through the real ctune_daily DAG: a local scheduler (SQLite, LocalExecutor) runs a backfill."""
+    from ctune_ops.airflow.local import LocalAirflow
+
+    local = LocalAirflow(ws.root, start_date=dates[0], end_date=dates[-1])
+    print(f"\nctune_daily through Airflow (SQLite + LocalExecutor, home {ws.shown(local.home)}): "
+          f"`airflow backfill create --dag-id ctune_daily --from-date {dates[0]} --to-date {dates[-1]}`")
+    started = time.perf_counter()
+    local.setup()
+    with local.running():
+        print(f"  api-server, scheduler and dag-processor healthy after {time.perf_counter() - started:.0f}s")
+        runs = local.backfill("ctune_daily", dates[0], dates[-1], timeout_s=DAG_TIMEOUT_S, progress=lambda run: print(
+            f"  run {run['logical_date'][:10]}: {run['state']} ({time.perf_counter() - started:.0f}s)"))
+        states = {run["logical_date"][:10]: local.task_states("ctune_daily", run["run_id"]) for run in runs}
+    for date, tasks in states.items():
+        failed = sorted(task for task, state in tasks.items() if state != "success")
+        if failed:
+            print(f"  {date}: tasks not successful: {failed}; logs in {local.home / 'logs'}")
+    return all(run["state"] == "success" for run in runs) and len(runs) == len(dates)
 
 
 def _versions(ws: Workspace) -> None:
@@ -110,17 +140,11 @@ def run_demo(directory: Path, days: int, seed: int | None = None) -> int:
         new_file = world_task_files(ws, date)[2]
         s = lmeval.evaluate(lm, [new_file], cache_dir=ws.root / ".lmeval-cache")[evalsets.NEW_TASK]
         print(f"  {evalsets.NEW_TASK + ' ' + date:<28}{s['acc']:.3f}  (n={s['n']}; not trained yet, chance 0.25)")
-    print("\nvalidate stage per day (raw = accepted + quarantined):")
-    from ctune_ops.stages import run_stage
-
+    ok = _run_days(ws, generated.dates)
+    print("\nper day (validate -> dedup -> score -> select -> train -> update_proxy -> evaluate -> promote):")
     for date in generated.dates:
-        with ws.lock(purpose=f"demo validate {date}"):
-            summary = run_stage(ws, "validate", date).summary
-        reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(summary["reasons"].items()))
-        print(f"  {date}: {summary['raw']} = {summary['accepted']} + {summary['quarantined']}  ({reasons})")
-    print("\nthe daily cycle per day: dedup -> score -> select -> train -> proxy -> evaluate -> promote or keep")
-    for date in generated.dates:
-        _day(ws, date)
+        _day_summary(ws, date)
     _versions(ws)
     print(f"demo finished in {time.perf_counter() - started:.0f}s; workspace: {ws.root}")
-    return 0
+    print("see it in the Airflow UI: `make airflow`")
+    return 0 if ok else 1

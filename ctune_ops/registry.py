@@ -341,7 +341,9 @@ def _day_entry(ws: Workspace, journal: dict[str, Any]) -> dict[str, Any]:
     proxy_path = ws.reports(date) / "proxy.json"
     if proxy_path.exists():
         proxy = json.loads(proxy_path.read_text(encoding="utf-8"))
-        entry["proxy"] = {key: proxy.get(key) for key in ("spearman_rho", "flagged", "trained_below_tau")}
+        alignment = proxy.get("alignment") or {}
+        entry["proxy"] = {"spearman_rho": alignment.get("spearman_rho"), "flagged": alignment.get("flagged"),
+                          "trained_below_tau": proxy.get("trained_below_tau")}
     manifests = {target: tree_manifest(ws.root / target) for target in VERSIONED}
     entry["models"] = {target: {"sha256": manifest_digest(m), "files": m, "dvc_md5": _dvc_md5(ws, target)}
                        for target, m in manifests.items()}

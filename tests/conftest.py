@@ -4,6 +4,7 @@ about a minute, and every test that needs models reads the same workspace withou
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,9 @@ import yaml
 from ctune_ops.workspace import Workspace, init_workspace
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+# Airflow reads its home when first imported: keep the tests' Airflow state out of ~/airflow
+os.environ.setdefault("AIRFLOW_HOME", tempfile.mkdtemp(prefix="ctune-tests-airflow-"))
+os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

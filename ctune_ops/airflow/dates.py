@@ -28,6 +28,20 @@ def batch_date(params: Mapping[str, Any] | None, data_interval_start: dt.datetim
     raise BatchDateError("this run has no data interval; trigger it with the 'date' param set (YYYY-MM-DD)")
 
 
+def asset_event_date(context: Mapping[str, Any]) -> str | None:
+    """The ``date`` in the ``extra`` of the asset event that triggered the run (``ctune_incoming``), if any."""
+    events = context.get("triggering_asset_events") or {}
+    for asset_events in events.values():
+        for event in asset_events:
+            date = (getattr(event, "extra", None) or {}).get("date")
+            if date:
+                return str(date)
+    return None
+
+
 def context_batch_date(context: Mapping[str, Any]) -> str:
-    """:func:`batch_date` of a task's execution context."""
-    return batch_date(context.get("params"), context.get("data_interval_start"))
+    """:func:`batch_date` of a task's execution context; an asset-triggered run's event may name the day."""
+    params = dict(context.get("params") or {})
+    if not params.get("date") and context.get("data_interval_start") is None:
+        params["date"] = asset_event_date(context)
+    return batch_date(params, context.get("data_interval_start"))

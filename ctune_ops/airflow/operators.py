@@ -2,8 +2,10 @@
 
 All the work is in the stage (:mod:`ctune_ops.stages`), which a test, the CLI and DVC call the same way; the
 operator only resolves the batch date by ctune's rule (:func:`ctune_ops.airflow.dates.context_batch_date`),
-serialises workspace access and pushes the stage's small JSON summary to XCom. Importing this module imports no
-heavy library: DAG files import it on every parse.
+serialises workspace access, records the stage's inputs and outputs in ``dvc.lock`` (``dvc commit`` of that DVC
+stage, so ``dvc status`` and ``dvc repro`` see what ran), pushes the stage's small JSON summary to XCom and the
+address of the day's report for the task's extra link. Importing this module imports no heavy library: DAG files
+import it on every parse.
 """
 
 from __future__ import annotations
@@ -11,11 +13,29 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from airflow.sdk import BaseOperator
+from airflow.sdk import BaseOperator, BaseOperatorLink
 
+from ctune_ops.airflow import URL_PREFIX
 from ctune_ops.airflow.dates import batch_date, context_batch_date
-from ctune_ops.stages import STAGE_NAMES, check_date, get_stage
+from ctune_ops.stages import DVC_STAGE_NAMES, STAGE_NAMES, check_date, run_stage
 from ctune_ops.workspace import LOCK_TIMEOUT_S, Workspace
+
+
+def report_url(date: str) -> str:
+    """The plugin's page for one day (its funnel, scores and reports)."""
+    return f"{URL_PREFIX}/days/{date}"
+
+
+class CtuneReportLink(BaseOperatorLink):
+    """"ctune report" on a ctune task: the plugin's page for the day the task processed (set when it ran)."""
+
+    name = "ctune report"
+
+    def get_link(self, operator: BaseOperator, *, ti_key: Any) -> str:
+        """The address the task pushed under ``xcom_key`` (the API server reads the same XCom itself)."""
+        from airflow.sdk.execution_time.xcom import XCom
+
+        return XCom.get_value(ti_key=ti_key, key=self.xcom_key) or ""
 
 
 class CtuneStageOperator(BaseOperator):
@@ -28,6 +48,7 @@ class CtuneStageOperator(BaseOperator):
 
     template_fields: Sequence[str] = ("workspace", "date")
     ui_color = "#d9ecf2"
+    operator_extra_links = (CtuneReportLink(),)
 
     def __init__(
         self,
@@ -47,14 +68,19 @@ class CtuneStageOperator(BaseOperator):
         self.lock_timeout_s = lock_timeout_s
 
     def execute(self, context: Any) -> dict[str, Any]:
-        date = batch_date({"date": self.date}, None) if self.date else context_batch_date(context)
-        run = get_stage(self.stage)
+        date = check_date(batch_date({"date": self.date}, None) if self.date else context_batch_date(context))
         ws = Workspace.open(self.workspace)
         self.log.info("ctune stage %s for %s on %s", self.stage, date, ws.root)
         with ws.lock(timeout_s=self.lock_timeout_s, purpose=f"{self.task_id}: stage {self.stage} {date}"):
-            result = run(ws, check_date(date))
+            result = run_stage(ws, self.stage, date)
+            if self.stage in DVC_STAGE_NAMES:
+                from ctune_ops.registry import record_stage
+
+                record_stage(ws, self.stage, date)
         for name, path in result.outputs.items():
             self.log.info("%s: %s", name, path)
+        if context.get("ti") is not None:  # always in Airflow; tests may call execute with a bare context
+            context["ti"].xcom_push(key=CtuneReportLink().xcom_key, value=report_url(date))
         return result.summary
 
 
@@ -63,3 +89,26 @@ class ValidateOperator(CtuneStageOperator):
 
     def __init__(self, *, workspace: str, date: str | None = None, **kwargs: Any) -> None:
         super().__init__(stage="validate", workspace=workspace, date=date, **kwargs)
+
+
+class RollbackOperator(BaseOperator):
+    """Make ``version`` (templated; the ``ctune_rollback`` DAG's Param) production again, as ``ctune rollback``."""
+
+    template_fields: Sequence[str] = ("workspace", "version")
+    ui_color = "#f2dcd9"
+
+    def __init__(self, *, workspace: str, version: str, lock_timeout_s: float = LOCK_TIMEOUT_S,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.workspace = workspace
+        self.version = version
+        self.lock_timeout_s = lock_timeout_s
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        from ctune_ops.registry import rollback
+
+        ws = Workspace.open(self.workspace)
+        with ws.lock(timeout_s=self.lock_timeout_s, purpose=f"{self.task_id}: rollback {self.version}"):
+            outcome = rollback(ws, self.version, after_step=lambda step: self.log.info("rollback step %s done", step))
+        self.log.info("production: %s (was %s)", outcome.version, outcome.previous)
+        return {"version": outcome.version, "previous": outcome.previous, "already": outcome.already}

@@ -1,0 +1,104 @@
+"""Parse time of ctune's DAG files against a bare one-task DAG, measured the way the dag-processor parses them.
+
+Each measurement is a fresh Python process that has imported Airflow's task SDK and DagBag first (the
+dag-processor's parent has them loaded), then parses one DAG file with ``DagBag`` and reports the file's parse
+duration from ``dagbag_stats``: the cost the file itself adds, which is what ctune's imports can make worse.
+The bare DAG (one EmptyOperator) is parsed the same way in the same run. Target: each ctune DAG file at most
+1.5x the bare DAG (median of ``--repeat`` runs). Prints a table, writes JSON.
+
+    .venv/bin/python benchmarks/dag_parse.py               # 7 repeats
+    .venv/bin/python benchmarks/dag_parse.py --small       # 3 repeats, for CI
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DAG_FILES = ("ctune_daily.py", "ctune_rollback.py")
+TARGET_RATIO = 1.5
+DEFAULT_REPEAT = 7
+SMALL_REPEAT = 3
+
+BARE_DAG = '''\
+import datetime as dt
+
+from airflow.providers.standard.operators.empty import EmptyOperator
+from airflow.sdk import DAG
+
+with DAG("bare", schedule="@daily", start_date=dt.datetime(2026, 1, 1), catchup=False) as dag:
+    EmptyOperator(task_id="only")
+'''
+
+def parse_seconds(path: Path, env: dict[str, str]) -> float:
+    """One fresh process: Airflow imported, then the file parsed; returns the parse's own wall time."""
+    code = (
+        "import json, sys, time\n"
+        "import airflow.sdk\n"
+        "from airflow.dag_processing.dagbag import DagBag\n"
+        "from airflow.providers.standard.operators.empty import EmptyOperator\n"
+        "bag = DagBag(dag_folder=sys.argv[1], collect_dags=False)\n"
+        "start = time.perf_counter()\n"
+        "found = bag.process_file(sys.argv[1])\n"
+        "elapsed = time.perf_counter() - start\n"
+        "print(json.dumps({'s': elapsed, 'dags': sorted(d.dag_id for d in found),"
+        " 'errors': {k: str(v) for k, v in bag.import_errors.items()}}))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(path)], env=env, capture_output=True, text=True,
+                            check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"parsing {path} failed:\n{result.stderr[-2000:]}")
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    if data["errors"] or not data["dags"]:
+        raise RuntimeError(f"{path}: import errors {data['errors']} / no DAGs")
+    return data["s"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=None)
+    parser.add_argument("--small", action="store_true", help="fewer repeats (CI)")
+    parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "dag_parse.json")
+    args = parser.parse_args(argv)
+    repeat = args.repeat or (SMALL_REPEAT if args.small else DEFAULT_REPEAT)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp)
+        bare = home / "bare_dag.py"
+        bare.write_text(BARE_DAG, encoding="utf-8")
+        env = {**os.environ, "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+               "AIRFLOW__CORE__DAGS_FOLDER": str(home), "CTUNE_WORKSPACE": str(home / "no-workspace")}
+        files = {"bare (1 EmptyOperator)": bare, **{name: REPO / "dags" / name for name in DAG_FILES}}
+        times: dict[str, list[float]] = {name: [] for name in files}
+        for _ in range(repeat):  # interleaved, so drifts in machine load hit every file alike
+            for name, path in files.items():
+                times[name].append(parse_seconds(path, env))
+
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    base = medians["bare (1 EmptyOperator)"]
+    rows = [{"file": name, "median_ms": round(m * 1000, 1), "min_ms": round(min(times[name]) * 1000, 1),
+             "ratio": round(m / base, 2)} for name, m in medians.items()]
+    print(f"DAG file parse time (DagBag.process_file in a fresh process with Airflow imported; median of {repeat})")
+    print(f"{'file':<26}{'median ms':>11}{'min ms':>9}{'ratio':>8}")
+    for row in rows:
+        print(f"{row['file']:<26}{row['median_ms']:>11}{row['min_ms']:>9}{row['ratio']:>8}")
+    worst = max(row["ratio"] for row in rows[1:])
+    verdict = "met" if worst <= TARGET_RATIO else "NOT met"
+    print(f"target: every ctune DAG file <= {TARGET_RATIO}x the bare DAG: {verdict} (worst {worst}x)")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"rows": rows, "repeat": repeat, "target_ratio": TARGET_RATIO,
+                                     "met": worst <= TARGET_RATIO, "python": platform.python_version(),
+                                     "cpus": os.cpu_count()}, indent=1) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
