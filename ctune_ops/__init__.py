@@ -6,3 +6,4 @@ and the Airflow plugin parse in well under a second.
 """
 
 __version__ = "0.1.0"
+PARAMS_FILE = "params.yaml"  # a workspace's configuration (ctune_ops.config reads it)

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-PARAMS_FILE = "params.yaml"
+from ctune_ops import PARAMS_FILE  # noqa: F401 - re-exported: config.PARAMS_FILE
 
 
 class _ParamsLoader(yaml.SafeLoader):

@@ -21,8 +21,12 @@ from dataclasses import dataclass
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ctune_ops.config import PARAMS_FILE, CtuneConfig, load_config
+from ctune_ops import PARAMS_FILE
+
+if TYPE_CHECKING:  # the config module builds every pydantic model when imported; DAG files need none of it
+    from ctune_ops.config import CtuneConfig
 
 DVC_FILE = "dvc.yaml"
 LOCK_FILE = ".ctune/lock"
@@ -157,6 +161,8 @@ class Workspace:
 
     @cached_property
     def config(self) -> CtuneConfig:
+        from ctune_ops.config import load_config
+
         return load_config(self.root / PARAMS_FILE)
 
     def reload(self) -> Workspace:

@@ -1,6 +1,5 @@
-"""ctune's daily continual-learning DAG (and its Asset-triggered twin); built in ctune_ops.airflow.dags."""
+"""ctune's daily continual-learning DAG; built in ctune_ops.airflow.dags."""
 
-from ctune_ops.airflow.dags import daily_dag, incoming_dag
+from ctune_ops.airflow.dags import daily_dag
 
 ctune_daily = daily_dag()
-ctune_incoming = incoming_dag()

@@ -74,7 +74,7 @@ def test_dag_file_imports_no_heavy_library() -> None:
     code = ("import sys, runpy; runpy.run_path(sys.argv[1]); "
             "print([m for m in ('torch', 'transformers', 'peft', 'great_expectations', 'lm_eval', 'dvc.repo') "
             "if m in sys.modules])")
-    for name in ("ctune_daily.py", "ctune_rollback.py"):
+    for name in ("ctune_daily.py", "ctune_incoming.py", "ctune_rollback.py"):
         out = subprocess.run([sys.executable, "-c", code, str(REPO / "dags" / name)], capture_output=True,
                              text=True, check=True).stdout
         assert out.strip().splitlines()[-1] == "[]", (name, out)

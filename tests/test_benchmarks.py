@@ -38,3 +38,14 @@ def test_selection_benchmark_small(small_world, tmp_path: Path) -> None:  # noqa
     assert world["workload"] == "world" and world["max_abs_diff_l_cond"] < 1e-4  # batched = one-row reference
     assert {d["workload"] for d in result["dedup"]} >= {"world"}
     assert all(0 <= d["ctune_recall"] <= 1 for d in result["dedup"])
+
+
+def test_dag_parse_benchmark_small(tmp_path: Path) -> None:
+    out = tmp_path / "dag_parse.json"
+    printed = _run("dag_parse.py", "--out", str(out))
+    result = json.loads(out.read_text())
+    assert "bare (1 EmptyOperator)" in printed
+    for measure in ("file_parse", "whole_process"):
+        files = [row["file"] for row in result[measure]["rows"]]
+        assert files == ["bare (1 EmptyOperator)", "ctune_daily.py", "ctune_incoming.py", "ctune_rollback.py"]
+        assert all(row["median_ms"] > 0 for row in result[measure]["rows"])

@@ -29,6 +29,7 @@ END_DATE_ENV = "CTUNE_END_DATE"  # optional: no scheduled runs after it (the dem
 WORKSPACE_VARIABLE = "ctune_workspace"
 POOL = "ctune_workspace"  # one slot: DVC's repository lock fails fast, so workspace tasks never overlap
 DEFAULT_WORKSPACE = "demo-workspace"
+TRAIN_BACKENDS = ("local", "kubernetes")
 DEFAULT_START_DATE = "2026-01-01"  # the demo world's day 1
 RETRIES = 2
 RETRY_DELAY = dt.timedelta(seconds=30)
@@ -71,13 +72,26 @@ def end_date() -> dt.datetime | None:
 
 
 def _train_backend(workspace: str) -> str:
-    """``train.backend`` of the workspace's params.yaml; ``local`` when there is no workspace yet."""
+    """``train.backend`` of the workspace's params.yaml; ``local`` when there is no workspace yet.
+
+    Read with plain YAML, not the typed config (building its models would cost a DAG file 25 ms on every parse);
+    a value that is not a known backend loads the typed config, whose error names the file, line and key.
+    """
     from pathlib import Path
 
-    from ctune_ops.config import PARAMS_FILE, load_config
+    import yaml
+
+    from ctune_ops import PARAMS_FILE
 
     params = Path(workspace) / PARAMS_FILE
-    return load_config(params).train.backend if params.exists() else "local"
+    if not params.exists():
+        return "local"
+    backend = ((yaml.safe_load(params.read_text(encoding="utf-8")) or {}).get("train") or {}).get("backend", "local")
+    if backend not in TRAIN_BACKENDS:
+        from ctune_ops.config import load_config
+
+        return load_config(params).train.backend
+    return backend
 
 
 def _default_args() -> dict[str, Any]:

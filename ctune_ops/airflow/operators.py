@@ -11,14 +11,29 @@ import it on every parse.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator, BaseOperatorLink
 
 from ctune_ops.airflow import URL_PREFIX
 from ctune_ops.airflow.dates import batch_date, context_batch_date
 from ctune_ops.stages import DVC_STAGE_NAMES, STAGE_NAMES, check_date, run_stage
-from ctune_ops.workspace import LOCK_TIMEOUT_S, Workspace
+
+if TYPE_CHECKING:
+    from ctune_ops.workspace import Workspace
+
+
+def _open(workspace: str) -> Workspace:
+    from ctune_ops.workspace import Workspace  # at run time: DAG files parse without the workspace module
+
+    return Workspace.open(workspace)
+
+
+def _timeout(lock_timeout_s: float | None) -> float:
+    """The workspace lock's wait: the operator's ``lock_timeout_s``, else the workspace default."""
+    from ctune_ops.workspace import LOCK_TIMEOUT_S
+
+    return LOCK_TIMEOUT_S if lock_timeout_s is None else lock_timeout_s
 
 
 def report_url(date: str) -> str:
@@ -56,7 +71,7 @@ class CtuneStageOperator(BaseOperator):
         stage: str,
         workspace: str,
         date: str | None = None,
-        lock_timeout_s: float = LOCK_TIMEOUT_S,
+        lock_timeout_s: float | None = None,
         **kwargs: Any,
     ) -> None:
         if stage not in STAGE_NAMES:  # a typo fails when the DAG is parsed, not at run time
@@ -69,9 +84,9 @@ class CtuneStageOperator(BaseOperator):
 
     def execute(self, context: Any) -> dict[str, Any]:
         date = check_date(batch_date({"date": self.date}, None) if self.date else context_batch_date(context))
-        ws = Workspace.open(self.workspace)
+        ws = _open(self.workspace)
         self.log.info("ctune stage %s for %s on %s", self.stage, date, ws.root)
-        with ws.lock(timeout_s=self.lock_timeout_s, purpose=f"{self.task_id}: stage {self.stage} {date}"):
+        with ws.lock(timeout_s=_timeout(self.lock_timeout_s), purpose=f"{self.task_id}: stage {self.stage} {date}"):
             result = run_stage(ws, self.stage, date)
             if self.stage in DVC_STAGE_NAMES:
                 from ctune_ops.registry import record_stage
@@ -97,7 +112,7 @@ class RollbackOperator(BaseOperator):
     template_fields: Sequence[str] = ("workspace", "version")
     ui_color = "#f2dcd9"
 
-    def __init__(self, *, workspace: str, version: str, lock_timeout_s: float = LOCK_TIMEOUT_S,
+    def __init__(self, *, workspace: str, version: str, lock_timeout_s: float | None = None,
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.workspace = workspace
@@ -107,8 +122,8 @@ class RollbackOperator(BaseOperator):
     def execute(self, context: Any) -> dict[str, Any]:
         from ctune_ops.registry import rollback
 
-        ws = Workspace.open(self.workspace)
-        with ws.lock(timeout_s=self.lock_timeout_s, purpose=f"{self.task_id}: rollback {self.version}"):
+        ws = _open(self.workspace)
+        with ws.lock(timeout_s=_timeout(self.lock_timeout_s), purpose=f"{self.task_id}: rollback {self.version}"):
             outcome = rollback(ws, self.version, after_step=lambda step: self.log.info("rollback step %s done", step))
         self.log.info("production: %s (was %s)", outcome.version, outcome.previous)
         return {"version": outcome.version, "previous": outcome.previous, "already": outcome.already}
