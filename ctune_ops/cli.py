@@ -21,6 +21,8 @@ from ctune_ops.stages import STAGE_NAMES, StageError
 from ctune_ops.workspace import Workspace, WorkspaceError, init_workspace
 
 DEFAULT_DEMO_DAYS = 5
+DEFAULT_EXPERIMENT_DAYS = 7
+SMALL_EXPERIMENT_DAYS = 2
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
@@ -207,6 +209,19 @@ def _cmd_airflow_standalone(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    from ctune_ops.experiment import run_experiment
+
+    days = args.days or (SMALL_EXPERIMENT_DAYS if args.small else DEFAULT_EXPERIMENT_DAYS)
+    result = run_experiment(Path(args.workspace), days=days, small=args.small, arms=tuple(args.arms),
+                            progress=print)
+    folder = Path(args.workspace) / "reports" / "experiment"
+    print((folder / "results.md").read_text(encoding="utf-8"))
+    print(f"results: {folder / 'results.json'}, {folder / 'results.md'}, plots: "
+          f"{', '.join(Path(p).name for p in result['plots'])}; {result['wall_s']}s")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ctune_ops.demo import run_demo
 
@@ -285,6 +300,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workspace", default=".")
     p.add_argument("--start", default=None, help="the DAG's start date (default: world.start_date)")
     p.set_defaults(func=_cmd_airflow_standalone)
+
+    p = sub.add_parser("experiment", help="compute saved vs accuracy: ctune against all, static and random")
+    p.add_argument("--workspace", default="experiment-workspace", help="base workspace (created; arms beside it)")
+    p.add_argument("--days", type=int, default=None, help=f"default {DEFAULT_EXPERIMENT_DAYS} "
+                                                          f"({SMALL_EXPERIMENT_DAYS} with --small)")
+    p.add_argument("--small", action="store_true", help="the small world (CI)")
+    p.add_argument("--arms", nargs="+", default=["ctune", "all", "static", "random"])
+    p.set_defaults(func=_cmd_experiment)
 
     p = sub.add_parser("demo", help="the main job: a workspace with the demo world through the pipeline")
     p.add_argument("--workspace", default="demo-workspace")

@@ -415,17 +415,29 @@ class SelectConfig(_Strict):
     model was trained on (a JSONL file in the workspace); they enter the history as trained in version v0, so the
     first day can calibrate and replay. ``too_novel_quantile`` (off when null) drops rows whose ppl is above that
     quantile of the batch. ``max_rows``/``max_tokens`` (off when null) keep the highest-IFD rows.
+
+    ``strategy`` is ``perplexity`` (the policy above) in production; ``all`` (select every unique row) and
+    ``random`` (``random_rows`` rows drawn at random, the rest cut as budget) are the baselines the
+    continual-stream experiment compares it with.
     """
 
+    strategy: Literal["perplexity", "all", "random"] = "perplexity"
+    random_rows: int | None = Field(default=None, ge=0, description="rows the random strategy keeps per day")
     ifd_max: float = Field(default=1.0, gt=0.0)
     known_quantile: float = Field(default=0.98, gt=0.0, le=1.0)
     calibration_rows: int = Field(default=512, ge=1)
     too_novel_quantile: float | None = Field(default=None, gt=0.0, lt=1.0)
     max_rows: int | None = Field(default=None, ge=1)
     max_tokens: int | None = Field(default=None, ge=1)
-    replay_ratio: float = Field(default=0.2, ge=0.0, le=10.0)
+    replay_ratio: float = Field(default=1.0, ge=0.0, le=10.0)
     seed: int = 0
     trained_reference: str | None = "world/corpus/day0.jsonl"
+
+    @model_validator(mode="after")
+    def _random_needs_rows(self) -> SelectConfig:
+        if self.strategy == "random" and self.random_rows is None:
+            raise ValueError("strategy random needs random_rows (how many rows to keep per day)")
+        return self
 
 
 
@@ -583,6 +595,7 @@ class ProxyConfig(TrainHyperparameters):
     it.
     """
 
+    update: bool = Field(default=True, description="false: the proxy is never trained (static selection)")
     method: Literal["full", "lora"] = "full"
     learning_rate: float = Field(default=5e-4, gt=0)
     epochs: int = Field(default=8, ge=1)

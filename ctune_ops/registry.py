@@ -244,6 +244,8 @@ def _plan_promote(ws: Workspace, date: str, registry: Registry) -> dict[str, Any
     if decision == PROMOTE:
         candidates = {}
         for target, part in CANDIDATE_PARTS.items():
+            if target == PROXY and not ws.config.proxy.update:
+                continue  # static selection: the promoted proxy stays
             source = ws.candidates(date) / part
             if not source.is_dir():
                 raise WorkspaceError(f"{ws.shown(source)} does not exist: run the "
@@ -255,8 +257,8 @@ def _plan_promote(ws: Workspace, date: str, registry: Registry) -> dict[str, Any
 
 def _install(ws: Workspace, journal: dict[str, Any]) -> None:
     """Copy the day's candidates over production (each folder replaced whole), unless already there."""
-    for target, part in CANDIDATE_PARTS.items():
-        wanted = journal["candidates"][target]
+    for target, wanted in journal["candidates"].items():
+        part = CANDIDATE_PARTS[target]
         if tree_manifest(ws.root / target) == wanted:
             continue
         source = ws.candidates(journal["date"]) / part
@@ -291,15 +293,21 @@ def _record_dvc(ws: Workspace, journal: dict[str, Any]) -> None:
     _check_state_closed(ws)
     targets = [str(ws.root / t) for t in VERSIONED if (ws.root / t).exists()]
     run_dvc(ws, f"commit (recording {journal['date']}'s pipeline outputs in dvc.lock)",
-            lambda repo: repo.commit(force=True))
+            lambda repo: repo.commit(force=True, allow_missing=_skips_outputs(ws)))
     run_dvc(ws, f"add {' '.join(ws.shown(t) for t in targets)}", lambda repo: repo.add(targets))
+
+
+def _skips_outputs(ws: Workspace) -> bool:
+    """Whether a stage legitimately writes no output: ``proxy.update: false`` makes no candidate proxy."""
+    return not ws.config.proxy.update
 
 
 def record_stage(ws: Workspace, stage: str, date: str) -> None:
     """Record one DVC stage of day ``date`` in ``dvc.lock`` (``dvc commit``): its deps, params and outputs as they
     are now, so ``dvc status`` knows what ran and ``dvc repro`` reruns only what changed."""
     ws.set_batch_date(date)
-    run_dvc(ws, f"commit {stage} (recording {date} in dvc.lock)", lambda repo: repo.commit(stage, force=True))
+    run_dvc(ws, f"commit {stage} (recording {date} in dvc.lock)",
+            lambda repo: repo.commit(stage, force=True, allow_missing=_skips_outputs(ws)))
 
 
 def _push(ws: Workspace) -> None:
@@ -419,7 +427,12 @@ class RollbackOutcome:
 def _restore(ws: Workspace, journal: dict[str, Any], entry: dict[str, Any]) -> None:
     """vK's .dvc files from its tag, their data from the DVC cache (or the remote), checked against the registry."""
     version = journal["version"]
-    dvc_files = [f"{t}.dvc" for t in VERSIONED]
+    for target in VERSIONED:  # not versioned in vK (a static proxy never promoted): back to nothing, as then
+        if entry["models"][target]["dvc_md5"] is None:
+            shutil.rmtree(ws.root / target, ignore_errors=True)
+            ws.git("rm", "-q", "--cached", "--ignore-unmatch", f"{target}.dvc")
+            (ws.root / f"{target}.dvc").unlink(missing_ok=True)
+    dvc_files = [f"{t}.dvc" for t in VERSIONED if entry["models"][t]["dvc_md5"] is not None]
     ws.git("checkout", f"refs/tags/{version}", "--", *dvc_files)
     try:
         run_dvc(ws, f"checkout {' '.join(dvc_files)}", lambda repo: repo.checkout(targets=dvc_files, force=True))
@@ -466,7 +479,8 @@ def rollback(ws: Workspace, version: str, after_step: StepHook | None = None) ->
         "restore": lambda: _restore(ws, journal, entry),
         "registry": lambda: _write_rollback_entry(ws, journal),
         "git": lambda: ws.commit(f"rollback: {journal['previous']} -> {version}",
-                                 [REGISTRY_FILE, CURRENT_FILE, *(f"{t}.dvc" for t in VERSIONED)]),
+                                 [REGISTRY_FILE, CURRENT_FILE, *(f"{t}.dvc" for t in VERSIONED
+                                                                 if (ws.root / f"{t}.dvc").exists())]),
     }
     _run_steps(ws, journal, ROLLBACK_STEPS, actions, after_step)
     return RollbackOutcome(version, journal["previous"])

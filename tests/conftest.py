@@ -6,11 +6,10 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
 
+from ctune_ops.experiment import SMALL_PARAMS, set_params  # noqa: F401 - set_params: the tests' helper
 from ctune_ops.workspace import Workspace, init_workspace
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
@@ -23,32 +22,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 SMALL_DAYS = 3
 
 
-def set_params(ws: Workspace, updates: dict[str, Any]) -> Workspace:
-    """Deep-merge ``updates`` into the workspace's params.yaml and return a fresh handle."""
-    path = ws.root / "params.yaml"
-    data = yaml.safe_load(path.read_text())
-
-    def merge(into: dict, new: dict) -> None:
-        for key, value in new.items():
-            if isinstance(value, dict) and isinstance(into.get(key), dict):
-                merge(into[key], value)
-            else:
-                into[key] = value
-
-    merge(data, updates)
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    ws.commit("test: params", ["params.yaml"])
-    return ws.reload()
-
-
-SMALL_WORLD = {
-    "world": {"rows_per_day": 100},
-    "bootstrap": {
-        "base": {"hidden_size": 128, "num_layers": 4, "intermediate_size": 352, "epochs": 4,
-                 "learning_rate": 0.004, "tie_embeddings": True},
-        "proxy": {"hidden_size": 64, "num_layers": 2, "intermediate_size": 176, "epochs": 5},
-    },
-}
+# the small world: the experiment's small mode uses the same models (ctune_ops.experiment.SMALL_PARAMS)
+SMALL_WORLD = {key: SMALL_PARAMS[key] for key in ("world", "bootstrap")}
 
 
 @pytest.fixture(scope="session")

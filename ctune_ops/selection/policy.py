@@ -9,11 +9,13 @@ Rules apply in this order, the first that matches decides:
 3. ``too_novel``  -- (off unless ``too_novel_quantile`` is set) ``ppl`` above that quantile of the batch;
 4. ``budget``     -- more rows or tokens left than ``max_rows``/``max_tokens``: the highest-IFD rows are kept.
 
-Everything else is ``selected``.
+Everything else is ``selected``. ``select.strategy`` ``all`` selects every row and ``random`` keeps
+``random_rows`` rows drawn at random (the rest are cut as ``budget``): the experiment's baselines, no thresholds.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,11 +45,18 @@ def calibrate_tau(calibration_ppl: np.ndarray, quantile: float) -> float | None:
 
 
 def decide(ppl: np.ndarray, ifd: np.ndarray, tokens: np.ndarray, calibration_ppl: np.ndarray,
-           config: SelectConfig) -> PolicyResult:
-    """One decision per row (see the module docstring)."""
+           config: SelectConfig, draw: str = "") -> PolicyResult:
+    """One decision per row (see the module docstring); ``draw`` seeds the random strategy (the batch date)."""
     n = len(ppl)
     decisions = np.full(n, SELECTED, dtype=object)
     notes = []
+    if config.strategy == "all":
+        return PolicyResult(decisions.tolist(), None, None, ["strategy all: every unique row selected"])
+    if config.strategy == "random":
+        keep = set(random.Random(f"{config.seed}:{draw}:random").sample(range(n), min(config.random_rows, n)))
+        decisions[[k for k in range(n) if k not in keep]] = BUDGET
+        return PolicyResult(decisions.tolist(), None, None,
+                            [f"strategy random: {len(keep)} of {n} rows drawn at random, the rest cut as budget"])
     misaligned = ~(ifd < config.ifd_max)  # NaN (no scored token) counts as misaligned, never silently kept
     decisions[misaligned] = MISALIGNED
     tau = calibrate_tau(calibration_ppl, config.known_quantile)

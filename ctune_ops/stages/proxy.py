@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
 from typing import Any
 
 import numpy as np
@@ -65,6 +66,15 @@ def conditioned_losses(model: Any, tokenizer: Any, records: list[dict[str, Any]]
     return np.asarray(losses, dtype=float)
 
 
+def _skipped(ws: Workspace, date: str) -> StageResult:
+    """``proxy.update: false``: no candidate proxy; promote keeps the promoted one (static selection)."""
+    shutil.rmtree(ws.candidates(date) / PROXY_DIR, ignore_errors=True)  # none from an earlier run may be promoted
+    report = {"date": date, "skipped": "proxy.update is false: the proxy stays as promoted"}
+    write_report(ws.reports(date) / REPORT_FILE, report)
+    return StageResult(STAGE, date, {"skipped": True, "rows": 0, "steps": 0, "spearman_rho": None, "flagged": None,
+                                     "trained_below_tau": None}, {"report": f"reports/{date}/{REPORT_FILE}"})
+
+
 def run(ws: Workspace, date: str) -> StageResult:
     import torch
 
@@ -72,6 +82,8 @@ def run(ws: Workspace, date: str) -> StageResult:
     from ctune_ops.training.proxy_update import load_trainable_proxy, save_proxy, train_proxy
 
     config = ws.config.proxy
+    if not config.update:
+        return _skipped(ws, date)
     training = read_stage_input(ws.selected(date), ws, "select")
     unique = read_stage_input(ws.unique(date), ws, "dedup")
     adapter = require_input(ws.candidates(date) / "adapter", ws, "train")

@@ -63,7 +63,7 @@ def run(ws: Workspace, date: str) -> StageResult:
 
     ppl, ifd = np.asarray(scored["ppl"], dtype=float), np.asarray(scored["ifd"], dtype=float)
     tokens = np.asarray(scored["prompt_tokens"]) + np.asarray(scored["output_tokens"])
-    policy = decide(ppl, ifd, tokens, np.asarray(calibration["ppl"], dtype=float), config)
+    policy = decide(ppl, ifd, tokens, np.asarray(calibration["ppl"], dtype=float), config, draw=date)
     by_id = {row_id: k for k, row_id in enumerate(scored["id"])}
     version = ws.current_version
 

@@ -1,8 +1,9 @@
 """How well the dedup and select stages did on a demo-world day, judged against the world's hidden truth.
 
 The pipeline never reads ``world/truth``; benchmarks and tests do, through this module. For the accepted rows
-of a day: precision and recall of the dedup drops on the injected duplicates, and which share of the rows
-about known facts was dropped and of the rows about new facts kept.
+of a day: precision and recall of the dedup drops on the injected duplicates, which share of the rows about known
+facts was dropped and of the rows about new facts kept, and precision and recall of dropping every redundant row
+(known facts, earlier days' facts, duplicates).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from ctune_ops.records import read_jsonl
 from ctune_ops.workspace import Workspace
 
 DEDUP_DECISIONS = ("exact_duplicate", "near_duplicate")
+REDUNDANT_KINDS = ("known", "earlier", "duplicate")  # rows the deployed model gains nothing from: drop them
 
 
 def day_truth(ws: Workspace, date: str) -> dict[str, dict[str, Any]]:
@@ -43,6 +45,10 @@ def selection_quality(ws: Workspace, date: str) -> dict[str, Any]:
             hit += 1
             right_target += duplicate_of[row_id] == truth[row_id].get("duplicate_of")
     known, new = kinds["known"], kinds["new"]
+    redundant = sum(kinds[k] for k in REDUNDANT_KINDS)
+    dropped = sum(n for (k, d), n in outcome.items() if d != "selected")
+    redundant_dropped = sum(n for (k, d), n in outcome.items() if d != "selected" and k in REDUNDANT_KINDS)
+    selected = sum(n for (k, d), n in outcome.items() if d == "selected")
     return {
         "date": date,
         "accepted_by_kind": dict(sorted(kinds.items())),
@@ -52,5 +58,9 @@ def selection_quality(ws: Workspace, date: str) -> dict[str, Any]:
         "known_dropped": (known - outcome[("known", "selected")]) / known if known else None,
         "new_kept": outcome[("new", "selected")] / new if new else None,
         "earlier_kept": outcome[("earlier", "selected")] / kinds["earlier"] if kinds["earlier"] else None,
+        "earlier_dropped": 1 - outcome[("earlier", "selected")] / kinds["earlier"] if kinds["earlier"] else None,
+        "redundant_drop_precision": redundant_dropped / dropped if dropped else None,
+        "redundant_drop_recall": redundant_dropped / redundant if redundant else None,
+        "new_keep_precision": outcome[("new", "selected")] / selected if selected else None,
         "outcomes": {f"{k}->{d}": n for (k, d), n in sorted(outcome.items())},
     }
