@@ -108,15 +108,15 @@ def _request(url: str, token: str | None = None, data: bytes | None = None,
 
 @pytest.fixture(scope="module")
 def airflow_world(small_world, tmp_path_factory):  # noqa: ANN001, ANN201
-    """The small world's days through ctune_daily on a running local Airflow (kept running for the plugin tests);
-    the gate is opened wide so that both days make versions (v1, v2)."""
-    from ctune_ops.airflow.local import LocalAirflow
+    """The small world's days through ctune_daily on `airflow standalone` (what `make airflow` runs; kept running
+    for the plugin tests); the gate is opened wide so that both days make versions (v1, v2)."""
+    from ctune_ops.airflow.local import STANDALONE, LocalAirflow
 
     root = tmp_path_factory.mktemp("airflow-world") / "ws"
     ws = set_params(Workspace.open(shutil.copytree(small_world.root, root, symlinks=True)), PARAMS)
     local = LocalAirflow(ws.root, start_date=DAYS[0], end_date=DAYS[-1])
     local.setup()
-    with local.running():
+    with local.running((STANDALONE,)):
         runs = local.backfill("ctune_daily", DAYS[0], DAYS[-1], timeout_s=BACKFILL_TIMEOUT_S)
         passwords = json.loads((local.home / "simple_auth_manager_passwords.json.generated").read_text())
         login = json.dumps({"username": "admin", "password": passwords["admin"]}).encode()

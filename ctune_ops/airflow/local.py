@@ -30,6 +30,9 @@ from ctune_ops.airflow.dags import END_DATE_ENV, POOL, START_DATE_ENV, WORKSPACE
 
 HOME_DIR = ".airflow"
 COMPONENTS = ("api-server", "scheduler", "dag-processor")
+STANDALONE = "standalone"  # `airflow standalone`: runs all of these and the triggerer itself (`make airflow`)
+STANDALONE_PARTS = (*COMPONENTS, "triggerer")
+HEALTH_REPORTED = ("scheduler", "dag-processor", "triggerer")  # what /api/v2/monitor/health reports on
 STARTUP_TIMEOUT_S = 180.0
 POLL_S = 2.0
 HEALTH_PATH = "/api/v2/monitor/health"
@@ -167,7 +170,8 @@ class LocalAirflow:
         return {part: (value or {}).get("status", "") for part, value in data.items()}
 
     def wait_healthy(self, components: tuple[str, ...], timeout_s: float = STARTUP_TIMEOUT_S) -> None:
-        wanted = {"metadatabase", *(c.replace("-", "_") for c in components if c in ("scheduler", "dag-processor"))}
+        parts = STANDALONE_PARTS if STANDALONE in components else components
+        wanted = {"metadatabase", *(c.replace("-", "_") for c in parts if c in HEALTH_REPORTED)}
         deadline = time.monotonic() + timeout_s
         status: dict[str, str] = {}
         while time.monotonic() < deadline:
