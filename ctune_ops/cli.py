@@ -22,6 +22,7 @@ from ctune_ops.workspace import Workspace, WorkspaceError, init_workspace
 
 DEFAULT_DEMO_DAYS = 5
 DEFAULT_EXPERIMENT_DAYS = 7
+STANDALONE_PORT = 8080  # Airflow's usual UI port, for `make airflow`
 SMALL_EXPERIMENT_DAYS = 2
 
 
@@ -167,8 +168,9 @@ def _local_airflow(args: argparse.Namespace):  # noqa: ANN202 - LocalAirflow, im
     from ctune_ops.airflow.local import LocalAirflow
 
     ws = Workspace.open(args.workspace)
+    port = {"port": args.port} if getattr(args, "port", None) else {}
     return ws, LocalAirflow(ws.root, start_date=args.start or ws.config.world.start_date,
-                            end_date=getattr(args, "end", None) or _last_world_day(ws))
+                            end_date=getattr(args, "end", None) or _last_world_day(ws), **port)
 
 
 def _last_world_day(ws: Workspace) -> str | None:
@@ -298,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_airflow_backfill)
     p = airflow_sub.add_parser("standalone", help="`airflow standalone` on the workspace (UI, scheduler, ...)")
     p.add_argument("--workspace", default=".")
+    p.add_argument("--port", type=int, default=STANDALONE_PORT, help="the UI and API port")
     p.add_argument("--start", default=None, help="the DAG's start date (default: world.start_date)")
     p.set_defaults(func=_cmd_airflow_standalone)
 
