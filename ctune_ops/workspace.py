@@ -66,6 +66,7 @@ GITIGNORE = """\
 /dvc-remote/
 /.ctune/lock
 /.ctune/journal.json
+/.airflow/
 /models/candidates/
 /.lmeval-cache/
 *.tmp
