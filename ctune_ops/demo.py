@@ -23,17 +23,12 @@ from ctune_ops.world.measure import world_task_files
 DAG_TIMEOUT_S = 3600.0  # the whole backfill; 5 demo days take about 5 minutes on 2 cores
 
 
-def _report(ws: Workspace, date: str, name: str) -> dict:
-    path = ws.reports(date) / name
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-
-
 def _day_summary(ws: Workspace, date: str) -> None:
     """One day as the DAG left it: funnel, the truth's view of it, training, the gate, promote or keep."""
     from ctune_ops.registry import Registry
     from ctune_ops.world.selection_truth import selection_quality
 
-    validation, selection = _report(ws, date, "validation.json"), _report(ws, date, "selection.json")
+    validation, selection = ws.report(date, "validation.json"), ws.report(date, "selection.json")
     if not selection:
         print(f"  {date}: no selection report (the run failed before select; see the Airflow logs)")
         return
@@ -46,7 +41,7 @@ def _day_summary(ws: Workspace, date: str) -> None:
     q = selection_quality(ws, date)
     print(f"    truth: dedup precision {q['dedup_precision']:.2f} recall {q['dedup_recall']:.2f}; known-fact rows "
           f"dropped {q['known_dropped']:.2f}; new-fact rows kept {q['new_kept']:.2f}")
-    train, proxy, evaluation = (_report(ws, date, name) for name in ("train.json", "proxy.json", "eval.json"))
+    train, proxy, evaluation = (ws.report(date, name) for name in ("train.json", "proxy.json", "eval.json"))
     if train:
         print(f"    train: {train['rows']} rows, {train['steps']} steps, {train.get('wall_s')}s; proxy: rows trained "
               f"below tau_known {proxy.get('trained_below_tau')}, Spearman rho {proxy['alignment']['spearman_rho']}")

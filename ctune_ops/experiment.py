@@ -22,7 +22,6 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,13 +45,6 @@ SCORE_PASSES = 2  # L_cond over prompt + output, L_out over the output (an upper
 PROGRESS = Callable[[str], None]
 
 
-@dataclass(frozen=True)
-class DayRecord:
-    arm: str
-    date: str
-    values: dict[str, Any]
-
-
 def set_params(ws: Workspace, updates: dict[str, Any]) -> Workspace:
     """Deep-merge ``updates`` into the workspace's params.yaml and commit it (the arm's configuration)."""
     path = ws.root / "params.yaml"
@@ -69,11 +61,6 @@ def set_params(ws: Workspace, updates: dict[str, Any]) -> Workspace:
     path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     ws.commit("experiment: arm parameters", ["params.yaml"])
     return ws.reload()
-
-
-def _report(ws: Workspace, date: str, name: str) -> dict[str, Any]:
-    path = ws.reports(date) / name
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
 
 
 def _scoring_tokens(ws: Workspace, date: str) -> int:
@@ -132,8 +119,8 @@ def run_day(ws: Workspace, arm: str, date: str) -> dict[str, Any]:
         run_stage(ws, stage, date)
         walls[stage] = round(time.perf_counter() - started, 2)
     outcome = promote(ws, date)
-    train, proxy, evaluation = (_report(ws, date, n) for n in ("train.json", "proxy.json", "eval.json"))
-    selection = _report(ws, date, "selection.json")
+    train, proxy, evaluation, selection = (ws.report(date, n) for n in ("train.json", "proxy.json", "eval.json",
+                                                                          "selection.json"))
     side = "candidate" if outcome.decision == "promote" else "production"
     metric = evaluation["rule"]["metric"]
     scores = {task: s.get(metric) for task, s in evaluation[side]["scores"].items()}

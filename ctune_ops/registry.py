@@ -15,13 +15,11 @@ The caller holds the workspace lock (:meth:`Workspace.lock`); DVC's own fail-fas
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import hashlib
 import json
 import logging
 import shutil
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,12 +29,10 @@ from ctune_ops.workspace import (
     BASE_VERSION,
     CURRENT_FILE,
     JOURNAL_FILE,
-    LOCK_TIMEOUT_S,
     Workspace,
     WorkspaceError,
     atomic_directory,
     atomic_write_text,
-    quiet_dvc,
 )
 
 REGISTRY_FILE = "registry.json"
@@ -49,7 +45,6 @@ CANDIDATE_PARTS = {DEPLOYED: "adapter", PROXY: "proxy"}  # models/candidates/D/<
 PROMOTE, KEEP, ROLLBACK = "promote", "keep", "rollback"
 PROMOTE_STEPS = ("install", "history", "dvc", "push", "registry", "git")
 ROLLBACK_STEPS = ("restore", "registry", "git")
-DVC_LOCK_POLL_S = 0.5
 SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
 
 log = logging.getLogger(__name__)
@@ -175,34 +170,6 @@ def _run_steps(ws: Workspace, journal: dict[str, Any], steps: tuple[str, ...],
 
 
 # -- DVC -----------------------------------------------------------------------------------------------------------
-def run_dvc(ws: Workspace, action: str, operation: Callable[[Any], Any],
-            timeout_s: float = LOCK_TIMEOUT_S) -> Any:
-    """``operation(repo)`` on the workspace's DVC repo, waiting while DVC's own lock is held.
-
-    DVC's repository lock fails at once when another DVC process holds it (a user's ``dvc status``, a crashed
-    command's leftover); every operation here is idempotent, so it is retried until ``timeout_s`` and then fails
-    naming the lock file. Any other DVC failure becomes a WorkspaceError naming ``action``.
-    """
-    from dvc.lock import LockError
-    from dvc.repo import Repo
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            # DVC resolves stages and targets against the working directory, not the repo it was given
-            with quiet_dvc(), contextlib.chdir(ws.root), Repo(str(ws.root)) as repo:
-                return operation(repo)
-        except LockError:
-            if time.monotonic() >= deadline:
-                raise WorkspaceError(
-                    f"dvc {action}: DVC's repository lock {ws.root / '.dvc/tmp/lock'} is held by another DVC "
-                    f"process; waited {timeout_s:.0f}s. If no DVC command is running there, the lock is stale: "
-                    "delete that file and run the command again") from None
-            time.sleep(DVC_LOCK_POLL_S)
-        except Exception as exc:  # DVC raises many exception types; each means the operation did not happen
-            raise WorkspaceError(f"dvc {action} failed in {ws.root}: {exc}") from exc
-
-
 # -- promote -------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PromoteOutcome:
@@ -222,10 +189,12 @@ def day_files(ws: Workspace, date: str) -> list[Path]:
 
 
 def _read_report(ws: Workspace, date: str, name: str) -> dict[str, Any]:
-    path = ws.reports(date) / name
-    if not path.exists():
-        raise WorkspaceError(f"{ws.shown(path)} does not exist: run the stage that writes it for {date} first")
-    return json.loads(path.read_text(encoding="utf-8"))
+    """A report promote cannot do without."""
+    report = ws.report(date, name)
+    if not report:
+        raise WorkspaceError(f"{ws.shown(ws.reports(date) / name)} does not exist: run the stage that writes it "
+                             f"for {date} first")
+    return report
 
 
 def _plan_promote(ws: Workspace, date: str, registry: Registry) -> dict[str, Any]:
@@ -289,12 +258,9 @@ def _check_state_closed(ws: Workspace) -> None:
 
 def _record_dvc(ws: Workspace, journal: dict[str, Any]) -> None:
     """The day's pipeline outputs into dvc.lock and the cache; production and state/ with ``dvc add``."""
-    ws.set_batch_date(journal["date"])
     _check_state_closed(ws)
-    targets = [str(ws.root / t) for t in VERSIONED if (ws.root / t).exists()]
-    run_dvc(ws, f"commit (recording {journal['date']}'s pipeline outputs in dvc.lock)",
-            lambda repo: repo.commit(force=True, allow_missing=_skips_outputs(ws)))
-    run_dvc(ws, f"add {' '.join(ws.shown(t) for t in targets)}", lambda repo: repo.add(targets))
+    record_stage(ws, journal["date"])
+    ws.dvc_add([t for t in VERSIONED if (ws.root / t).exists()])
 
 
 def _skips_outputs(ws: Workspace) -> bool:
@@ -302,16 +268,17 @@ def _skips_outputs(ws: Workspace) -> bool:
     return not ws.config.proxy.update
 
 
-def record_stage(ws: Workspace, stage: str, date: str) -> None:
-    """Record one DVC stage of day ``date`` in ``dvc.lock`` (``dvc commit``): its deps, params and outputs as they
-    are now, so ``dvc status`` knows what ran and ``dvc repro`` reruns only what changed."""
+def record_stage(ws: Workspace, date: str, stage: str | None = None) -> None:
+    """Record DVC stage ``stage`` of day ``date`` (every stage when None) in ``dvc.lock`` (``dvc commit``): its
+    deps, params and outputs as they are now, so ``dvc status`` knows what ran and ``dvc repro`` reruns only what
+    changed."""
     ws.set_batch_date(date)
-    run_dvc(ws, f"commit {stage} (recording {date} in dvc.lock)",
-            lambda repo: repo.commit(stage, force=True, allow_missing=_skips_outputs(ws)))
+    ws.run_dvc(f"commit {stage or 'of every stage'} (recording {date} in dvc.lock)",
+               lambda repo: repo.commit(stage, force=True, allow_missing=_skips_outputs(ws)))
 
 
 def _push(ws: Workspace) -> None:
-    run_dvc(ws, f"push to remote {ws.config.workspace.dvc_remote_name!r}", lambda repo: repo.push())
+    ws.run_dvc(f"push to remote {ws.config.workspace.dvc_remote_name!r}", lambda repo: repo.push())
 
 
 def _dvc_md5(ws: Workspace, target: str) -> str | None:
@@ -341,14 +308,11 @@ def _day_entry(ws: Workspace, journal: dict[str, Any]) -> dict[str, Any]:
         "tokens": {"selected": selection["selected_tokens"], "unique": selection["unique_tokens"]},
         "data": {ws.shown(p): file_sha256(p) for p in day_files(ws, date) if p.exists()},
     }
-    train_path = ws.reports(date) / "train.json"
-    if train_path.exists():
-        train = json.loads(train_path.read_text(encoding="utf-8"))
+    train, proxy = ws.report(date, "train.json"), ws.report(date, "proxy.json")
+    if train:
         entry["train"] = {key: train.get(key) for key in ("rows", "steps", "tokens_seen", "response_tokens", "wall_s",
                                                           "device")}
-    proxy_path = ws.reports(date) / "proxy.json"
-    if proxy_path.exists():
-        proxy = json.loads(proxy_path.read_text(encoding="utf-8"))
+    if proxy:
         alignment = proxy.get("alignment") or {}
         entry["proxy"] = {"spearman_rho": alignment.get("spearman_rho"), "flagged": alignment.get("flagged"),
                           "trained_below_tau": proxy.get("trained_below_tau")}
@@ -435,9 +399,9 @@ def _restore(ws: Workspace, journal: dict[str, Any], entry: dict[str, Any]) -> N
     dvc_files = [f"{t}.dvc" for t in VERSIONED if entry["models"][t]["dvc_md5"] is not None]
     ws.git("checkout", f"refs/tags/{version}", "--", *dvc_files)
     try:
-        run_dvc(ws, f"checkout {' '.join(dvc_files)}", lambda repo: repo.checkout(targets=dvc_files, force=True))
+        ws.run_dvc(f"checkout {' '.join(dvc_files)}", lambda repo: repo.checkout(targets=dvc_files, force=True))
     except WorkspaceError:  # objects missing from the local cache: fetch them from the remote, then check out
-        run_dvc(ws, f"pull of {version} from remote {ws.config.workspace.dvc_remote_name!r}",
+        ws.run_dvc(f"pull of {version} from remote {ws.config.workspace.dvc_remote_name!r}",
                 lambda repo: repo.pull(targets=dvc_files, force=True))
     for target in VERSIONED:
         restored = tree_manifest(ws.root / target)

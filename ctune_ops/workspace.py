@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import logging
 import os
 import re
@@ -16,12 +17,12 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ctune_ops import PARAMS_FILE
 
@@ -36,6 +37,7 @@ CURRENT_FILE = "CURRENT"  # the served version, written by promote and rollback
 BASE_VERSION = "v0"  # the base model, before the first promotion
 LOCK_TIMEOUT_S = 600.0
 LOCK_POLL_S = 0.2
+DVC_LOCK_POLL_S = 0.5
 
 # Folders of DESIGN §2 that exist from day one, so users and stages see the layout before any data arrives.
 LAYOUT_DIRS = (
@@ -195,6 +197,11 @@ class Workspace:
     def candidates(self, date: str) -> Path:
         return self.root / "models" / "candidates" / date
 
+    def report(self, date: str, name: str) -> dict[str, Any]:
+        """The JSON report ``reports/<date>/<name>``; {} when that stage has not written it."""
+        path = self.reports(date) / name
+        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
     @property
     def current_version(self) -> str:
         """The version in production (the ``CURRENT`` file); ``v0``, the base model, before any promotion."""
@@ -312,12 +319,36 @@ class Workspace:
         self.git("commit", "-q", "-m", message)
         return True
 
-    def dvc_add(self, targets: list[str]) -> list[str]:
-        """``dvc add`` the targets (folders or files); returns the .dvc files to commit with git."""
+    def run_dvc(self, action: str, operation: Callable[[Any], Any], timeout_s: float = LOCK_TIMEOUT_S) -> Any:
+        """``operation(repo)`` on the workspace's DVC repo, waiting while DVC's own lock is held.
+
+        DVC's repository lock fails at once when another DVC process holds it (a user's ``dvc status``, a crashed
+        command's leftover); the operations ctune runs are idempotent, so one is retried until ``timeout_s`` and
+        then fails naming the lock file. Any other DVC failure becomes a WorkspaceError naming ``action``.
+        """
+        from dvc.lock import LockError
         from dvc.repo import Repo
 
-        with quiet_dvc(), Repo(str(self.root)) as repo:
-            repo.add([str(self.root / t) for t in targets])
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                # DVC resolves stages and targets against the working directory, not the repo it was given
+                with quiet_dvc(), contextlib.chdir(self.root), Repo(str(self.root)) as repo:
+                    return operation(repo)
+            except LockError:
+                if time.monotonic() >= deadline:
+                    raise WorkspaceError(
+                        f"dvc {action}: DVC's repository lock {self.root / '.dvc/tmp/lock'} is held by another DVC "
+                        f"process; waited {timeout_s:.0f}s. If no DVC command is running there, the lock is stale: "
+                        "delete that file and run the command again") from None
+                time.sleep(DVC_LOCK_POLL_S)
+            except Exception as exc:  # DVC raises many exception types; each means the operation did not happen
+                raise WorkspaceError(f"dvc {action} failed in {self.root}: {exc}") from exc
+
+    def dvc_add(self, targets: list[str]) -> list[str]:
+        """``dvc add`` the targets (folders or files); returns the .dvc files to commit with git."""
+        paths = [str(self.root / t) for t in targets]
+        self.run_dvc(f"add {' '.join(targets)}", lambda repo: repo.add(paths))
         return [f"{t}.dvc" for t in targets] + [str(Path(t).parent / ".gitignore") for t in targets]
 
 

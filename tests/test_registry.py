@@ -29,7 +29,6 @@ from ctune_ops.registry import (
     promote,
     read_journal,
     rollback,
-    run_dvc,
     tree_manifest,
 )
 from ctune_ops.selection.history import NOT_TRAINED, SELECTED, TRAINED, History
@@ -197,7 +196,7 @@ def test_dvc_lock_is_waited_on_then_refused_clearly(evaluated, tmp_path) -> None
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(WorkspaceError, match=r"DVC's repository lock .*\.dvc/tmp/lock is held"):
-            run_dvc(ws, "status", lambda repo: repo.status(), timeout_s=0.5)
+            ws.run_dvc("status", lambda repo: repo.status(), timeout_s=0.5)
         outcome = promote(ws, DAY1)  # waits for DVC's lock instead of failing half way
         assert released.exists() and outcome.version == "v1"
     finally:

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -252,7 +252,7 @@ class LocalAirflow:
         raise LocalAirflowError(f"{dag_id}: runs not finished after {timeout_s:.0f}s: {self.runs(dag_id)}")
 
     def backfill(self, dag_id: str, from_date: str, to_date: str, timeout_s: float,
-                 progress: callable | None = None) -> list[dict[str, str]]:
+                 progress: Callable[[dict[str, str]], None] | None = None) -> list[dict[str, str]]:
         """``airflow backfill create`` over the dates, unpause, and wait until every run has finished."""
         self.wait_for_dag(dag_id)
         # depends_on_past DAGs must say what to do with days already run: redo failed ones, keep completed ones

@@ -91,7 +91,7 @@ class CtuneStageOperator(BaseOperator):
             if self.stage in DVC_STAGE_NAMES:
                 from ctune_ops.registry import record_stage
 
-                record_stage(ws, self.stage, date)
+                record_stage(ws, date, self.stage)
         for name, path in result.outputs.items():
             self.log.info("%s: %s", name, path)
         if context.get("ti") is not None:  # always in Airflow; tests may call execute with a bare context

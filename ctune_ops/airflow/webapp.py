@@ -58,16 +58,12 @@ def _days(ws: Any) -> list[dict[str, Any]]:
     registry = Registry.load(ws)
     days = []
     folder = ws.root / "reports"
-    for day in sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []:
-        reports = {}
-        for name in REPORT_NAMES:
-            path = folder / day / name
-            if path.exists():
-                reports[name] = json.loads(path.read_text(encoding="utf-8"))
-        if "selection.json" not in reports:
+    dates = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+    for day in dates:
+        selection = ws.report(day, "selection.json")
+        if not selection:
             continue
-        selection, validation = reports["selection.json"], reports.get("validation.json", {})
-        evaluation = reports.get("eval.json", {})
+        validation, evaluation = ws.report(day, "validation.json"), ws.report(day, "eval.json")
         outcome = registry.day_outcome(day)
         days.append({
             "date": day,
