@@ -168,6 +168,7 @@ def run_suite(frame: Any, specs: list[CheckSpec]) -> SuiteRun:
     _quiet()
     import great_expectations as gx
     import great_expectations.expectations as gxe
+    from great_expectations.validator.v1_validator import Validator
 
     context = _context()
     batch_definition = (
@@ -182,9 +183,10 @@ def run_suite(frame: Any, specs: list[CheckSpec]) -> SuiteRun:
         for spec in batch_specs:
             expectation_class = getattr(gxe, spec.expectation)
             suite.add_expectation(expectation_class(column=spec.column, meta={"ctune_check": spec.key}, **spec.kwargs))
-        suite = context.suites.add(suite)
-        batch = batch_definition.get_batch(batch_parameters={"dataframe": data})
-        result = batch.validate(suite, result_format=RESULT_FORMAT)
+        # the validator fetches the batch itself; Batch.validate would fetch (and fingerprint) it a second time
+        validator = Validator(batch_definition=batch_definition, batch_parameters={"dataframe": data},
+                              result_format=RESULT_FORMAT)
+        result = validator.validate_expectation_suite(context.suites.add(suite))
         outcomes.update({r.expectation_config.meta["ctune_check"]: r for r in result.results})
 
     unexpected: dict[str, list[int]] = {}
