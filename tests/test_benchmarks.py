@@ -47,5 +47,7 @@ def test_dag_parse_benchmark_small(tmp_path: Path) -> None:
     assert "bare (1 EmptyOperator)" in printed
     for measure in ("file_parse", "whole_process"):
         files = [row["file"] for row in result[measure]["rows"]]
-        assert files == ["bare (1 EmptyOperator)", "ctune_daily.py", "ctune_incoming.py", "ctune_rollback.py"]
+        assert files == ["bare (1 EmptyOperator)", "same shape, EmptyOperators", "ctune_daily.py",
+                         "ctune_incoming.py", "ctune_rollback.py"]
+        assert set(result[measure]["ctune_ms_beyond_same_shape"]) == {"ctune_daily.py", "ctune_incoming.py"}
         assert all(row["median_ms"] > 0 for row in result[measure]["rows"])

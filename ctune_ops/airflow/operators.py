@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 from airflow.sdk import BaseOperator, BaseOperatorLink
 
 from ctune_ops.airflow import URL_PREFIX
-from ctune_ops.airflow.dates import batch_date, context_batch_date
 from ctune_ops.stages import DVC_STAGE_NAMES, STAGE_NAMES, check_date, run_stage
 
 if TYPE_CHECKING:
@@ -83,6 +82,8 @@ class CtuneStageOperator(BaseOperator):
         self.lock_timeout_s = lock_timeout_s
 
     def execute(self, context: Any) -> dict[str, Any]:
+        from ctune_ops.airflow.dates import batch_date, context_batch_date  # at run time: not needed to parse
+
         date = check_date(batch_date({"date": self.date}, None) if self.date else context_batch_date(context))
         ws = _open(self.workspace)
         self.log.info("ctune stage %s for %s on %s", self.stage, date, ws.root)
