@@ -2,8 +2,11 @@
 byte, a promote killed between any two steps that finishes when run again, the locks, a poisoned day the gate
 rejects, and the CLI's versions and status tables.
 
-One module-scoped workspace goes through the story in order: day 1 promoted (v1), day 2 promoted (v2, with the gate
-opened wide so that a second version exists), rollback to v1, then a poisoned day 3 that must be kept out.
+One module-scoped workspace goes through the story in order: day 1 promoted (v1), day 2 promoted (v2), rollback to
+v1, then a poisoned day 3 that the real gate must keep out. Days 1 and 2 pass an opened gate: these tests are about
+what promotion does, and whether the small world's day-1 candidate is within 0.03 of the base's retention depends
+on the machine (within 0.03 of 0.97 where these tests were written, 0.97 -> 0.927 on another); the poisoned day
+runs the gate as configured.
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ def _run_day(ws: Workspace, date: str) -> None:
 @pytest.fixture(scope="module")
 def evaluated(small_world, tmp_path_factory) -> Workspace:  # noqa: ANN001
     """Day 1 through evaluate, not promoted: the starting point of every promote below."""
-    ws = set_params(_copy(small_world, tmp_path_factory.mktemp("registry") / "ws"), SMALL_TRAIN)
+    ws = set_params(_copy(small_world, tmp_path_factory.mktemp("registry") / "ws"), {**SMALL_TRAIN, **OPEN_GATE})
     _run_day(ws, DAY1)
     return ws
 
@@ -77,7 +80,6 @@ def story(evaluated, tmp_path_factory) -> dict:  # noqa: ANN001
     ws = _copy(evaluated, tmp_path_factory.mktemp("story") / "ws")
     first = promote(ws, DAY1)
     v1 = {target: tree_manifest(ws.root / target) for target in VERSIONED}
-    ws = set_params(ws, OPEN_GATE)
     _run_day(ws, DAY2)
     second = promote(ws, DAY2)
     v2 = {target: tree_manifest(ws.root / target) for target in VERSIONED}
