@@ -44,22 +44,28 @@ with DAG("bare", schedule="@daily", start_date=dt.datetime(2026, 1, 1), catchup=
     EmptyOperator(task_id="only")
 '''
 
-# The same shape as ctune_daily with Airflow's own operators: eight chained tasks, the date Param and the same
-# default_args. What Airflow itself charges for such a DAG, beside which ctune's share of a parse shows.
-SAME_SHAPE_DAG = '''\
-import datetime as dt
+# The same shape as ctune_daily with Airflow's own operators: as many chained tasks, the same date Param and the
+# same default_args (filled in from ctune_ops.airflow.dags, so the reference follows the DAG). What Airflow itself
+# charges for such a DAG, beside which ctune's share of a parse shows.
+SAME_SHAPE_TEMPLATE = '''\
+import datetime
 
 from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.sdk import DAG, Param, chain
 
-with DAG("same_shape", schedule="@daily", start_date=dt.datetime(2026, 1, 1), catchup=True, max_active_runs=1,
-         params={"date": Param(None, type=["null", "string"], pattern=r"^\\d{4}-\\d{2}-\\d{2}$")},
-         default_args={"owner": "ctune", "depends_on_past": True, "pool": "ctune_workspace", "retries": 2,
-                       "retry_delay": dt.timedelta(seconds=30)}) as dag:
-    chain(*[EmptyOperator(task_id=f"task_{i}") for i in range(8)])
+with DAG("same_shape", schedule="@daily", start_date=datetime.datetime(2026, 1, 1), catchup=True,
+         max_active_runs=1, params={{"date": Param(None, **{schema!r})}}, default_args={default_args!r}) as dag:
+    chain(*[EmptyOperator(task_id=f"task_{{i}}") for i in range({tasks})])
 '''
 SAME_SHAPE = "same shape, EmptyOperators"
 EIGHT_TASK_FILES = ("ctune_daily.py", "ctune_incoming.py")  # the files of that shape (rollback has one task)
+
+
+def same_shape_dag() -> str:
+    """The same-shape DAG file's source, with ctune_daily's Param, default_args and task count."""
+    from ctune_ops.airflow.dags import DAILY_TASKS, DATE_PARAM, _default_args
+
+    return SAME_SHAPE_TEMPLATE.format(schema=DATE_PARAM.schema, default_args=_default_args(), tasks=len(DAILY_TASKS))
 
 
 def parse_seconds(path: Path, env: dict[str, str]) -> float:
@@ -106,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         bare = home / "bare_dag.py"
         bare.write_text(BARE_DAG, encoding="utf-8")
         same_shape = home / "same_shape_dag.py"
-        same_shape.write_text(SAME_SHAPE_DAG, encoding="utf-8")
+        same_shape.write_text(same_shape_dag(), encoding="utf-8")
         env = {**os.environ, "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
                "AIRFLOW__CORE__DAGS_FOLDER": str(home), "CTUNE_WORKSPACE": str(home / "no-workspace")}
         # a deployment's modules have their bytecode cached (pip compiles it at install; Python writes it on first
