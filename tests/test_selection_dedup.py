@@ -66,6 +66,84 @@ def test_minhash_is_deterministic_and_batch_independent() -> None:
     assert MinHasher().signatures(["", "a", "a b"]).shape == (3, 128)  # short and empty texts have one shingle
 
 
+_ALPHABET = "aB_9 .,-\u2013\u2019\u0130i\u00dfSs\u00e7\u65e5\u672c\u0307\u00a0\t\n!\u03a9\u00e9\u212a"
+
+
+@pytest.mark.parametrize("chunk_bytes", [64, 1 << 20])  # many chunks with texts above the chunk size; one chunk
+def test_words_are_the_regex_words_of_the_lower_cased_text(monkeypatch, chunk_bytes: int) -> None:  # noqa: ANN001
+    import re
+
+    from ctune_ops.selection import minhash
+
+    monkeypatch.setattr(minhash, "_BYTES_PER_CHUNK", chunk_bytes)
+    rng = random.Random(3)
+    texts = ["".join(rng.choice(_ALPHABET) for _ in range(rng.randrange(0, 200))) for _ in range(400)]
+    texts += ["", " ", "word", "\u0130stanbul \u015eEH\u0130R", "x" * 500, " ".join(VOCAB) * 3]
+    hashes, counts = MinHasher().word_hashes(texts)
+    words = [re.findall(r"\w+", t.lower()) for t in texts]
+    assert counts.tolist() == [len(w) for w in words]
+    hash_of: dict[str, int] = {}
+    for word, value in zip([w for ws in words for w in ws], hashes.tolist(), strict=True):
+        assert hash_of.setdefault(word, value) == value  # a word always hashes the same
+    assert len(set(hash_of.values())) == len(hash_of)  # and distinct words differently
+    assert len(hash_of) > 400
+
+
+def test_shingle_hashes_are_the_word_shingles() -> None:
+    texts = [a for pair in _pairs(40) for a in pair] + ["", "one", "one two", "one two three", "Two, one! two"]
+    shingles, per_text = MinHasher().shingle_hashes(texts)
+    assert per_text.tolist() == [max(len(t.split()) - 2, 1) for t in texts[:80]] + [1, 1, 1, 1, 1]
+    bounds = np.concatenate(([0], np.cumsum(per_text)))
+    sets = [set(shingles[bounds[i] : bounds[i + 1]].tolist()) for i in range(len(texts))]
+    for i in range(0, 80, 2):  # the Jaccard of the shingle hash sets is the exact Jaccard of the word shingles
+        assert len(sets[i] & sets[i + 1]) / len(sets[i] | sets[i + 1]) == pytest.approx(_exact(texts[i], texts[i + 1]))
+    assert len(set.union(*sets[80:])) == 5  # five different short texts, five different shingles
+
+
+def _greedy_reference(signatures: np.ndarray, keys: np.ndarray, threshold: float) -> list[tuple[int, float] | None]:
+    """Keep the first, the slow way: each row against every earlier kept row sharing a band key."""
+    kept: list[int] = []
+    out: list[tuple[int, float] | None] = []
+    for j in range(len(signatures)):
+        close = [(float(np.mean(signatures[i] == signatures[j])), -i) for i in kept
+                 if np.any(keys[i] == keys[j])]
+        close = [c for c in close if c[0] >= threshold]
+        if close:
+            score, neg_i = max(close)
+            out.append((-neg_i, score))
+        else:
+            kept.append(j)
+            out.append(None)
+    return out
+
+
+def test_batch_duplicates_keep_the_first_and_compare_with_kept_rows_only() -> None:
+    from ctune_ops.selection.dedup import _batch_duplicates
+    from ctune_ops.selection.history import NewRow
+
+    rng = random.Random(11)
+    texts: list[str] = []
+    for _ in range(40):  # chains of single-word edits: a copy is near its parent, less near the root
+        words = [rng.choice(VOCAB) for _ in range(rng.randrange(40, 100))]
+        texts.append(" ".join(words))
+        for _ in range(rng.randrange(0, 6)):
+            words = list(words)
+            words[rng.randrange(len(words))] = rng.choice(VOCAB)
+            texts.append(" ".join(words))
+    rng.shuffle(texts)
+    texts += [texts[0] + " w1", texts[0] + " w2"]
+    hasher = MinHasher()
+    signatures = hasher.signatures(texts)
+    keys = band_keys(signatures, 16)
+    rows = [NewRow(f"r{i}", str(i), signatures[i], keys[i], {}) for i in range(len(texts))]
+    result: list = [None] * len(rows)
+    _batch_duplicates(rows, list(range(len(rows))), "2026-01-01", 0.85, result)
+    expected = _greedy_reference(signatures, keys, 0.85)
+    got = [None if d is None else (int(d.duplicate_of[1:]), d.jaccard) for d in result]
+    assert got == expected
+    assert 10 <= sum(d is not None for d in got) < len(got) - 50  # the batch has drops and keeps
+
+
 def _record(row_id: str, instruction: str, output: str) -> dict[str, str]:
     return {"id": row_id, "instruction": instruction, "input": "", "output": output}
 

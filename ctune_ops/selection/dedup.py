@@ -36,34 +36,60 @@ class Duplicate:
         return asdict(self)
 
 
-def _group_pairs(starts: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Positions ``(p, q)``, ``p < q``, of every pair inside each group ``[start, start + size)``, without a loop:
-    each member is repeated once per later member of its group, then offset by 1, 2, ... to that member."""
-    member = np.repeat(starts, sizes) + (np.arange(sizes.sum()) - np.repeat(np.cumsum(sizes) - sizes, sizes))
-    later = np.repeat(starts + sizes, sizes) - member - 1
-    first = np.repeat(member, later)
-    offset = np.arange(later.sum()) - np.repeat(np.cumsum(later) - later, later) + 1
-    return first, first + offset
+def shared_band_groups(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Which LSH groups each row is in: ``(groups, first_member)``.
 
-
-def batch_pairs(keys: np.ndarray) -> np.ndarray:
-    """(pairs, 2) indices ``i < j`` of rows sharing at least one band key, each pair once.
-
-    Keys are salted with their band, so one sort over all of them finds every group, and every group (of any
-    size) becomes its pairs with array arithmetic.
+    ``groups[r, b]`` numbers the group of rows whose band ``b`` equals row ``r``'s (keys are salted with their
+    band, so one stable sort over all keys finds every group), or is -1 when no other row shares it;
+    ``first_member[g]`` is the lowest row of group ``g``. A row is nobody's duplicate candidate unless some group
+    of it has an earlier first member.
     """
     rows, bands = keys.shape
     flat = keys.ravel()
-    owner = np.repeat(np.arange(rows, dtype=np.int64), bands)
-    order = np.argsort(flat, kind="stable")
-    ordered, members = flat[order], owner[order]
-    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
-    sizes = np.diff(np.r_[starts, len(flat)])
-    shared = sizes > 1
-    first, second = _group_pairs(starts[shared], sizes[shared])
-    low, high = np.minimum(members[first], members[second]), np.maximum(members[first], members[second])
-    code = np.unique(low[low != high] * rows + high[low != high])  # one int64 per pair: a fast unique
-    return np.stack([code // rows, code % rows], axis=1)
+    order = np.argsort(flat, kind="stable")  # equal keys keep row order: each group's first member leads it
+    ordered = flat[order]
+    leads = np.r_[True, ordered[1:] != ordered[:-1]]
+    sizes = np.diff(np.r_[np.flatnonzero(leads), len(flat)])
+    group = np.cumsum(leads) - 1
+    shared = sizes[group] > 1
+    numbers = np.cumsum(leads & shared) - 1  # shared groups numbered 0, 1, ... in key order
+    groups = np.full(len(flat), -1, dtype=np.int64)
+    groups[order[shared]] = numbers[shared]
+    first_member = (order[leads & shared]) // bands
+    return groups.reshape(rows, bands), first_member
+
+
+def _batch_duplicates(rows: Sequence[NewRow], standing: list[int], date: str, threshold: float,
+                      result: list[Duplicate | None]) -> None:
+    """Mark rows near an earlier row of the batch that is kept, greedily in batch order.
+
+    Each row is compared only with the earlier *kept* rows it shares a band with (as an LSH index of the kept
+    rows would do), not with every earlier candidate: a templated answer repeated in hundreds of rows is then
+    hundreds of comparisons with its first copy, not the tens of thousands of pairs among all copies. Rows that
+    share no band with an earlier row are kept without a comparison. Of several close kept rows, the closest
+    (then the earliest) is named.
+    """
+    if len(standing) < 2:
+        return
+    groups, first_member = shared_band_groups(np.stack([rows[i].keys for i in standing]))
+    signatures = np.stack([rows[i].signature for i in standing])
+    width = signatures.shape[1]
+    kept_in: list[list[int]] = [[] for _ in range(len(first_member))]  # each group's kept rows, in order
+    has_earlier = (groups >= 0) & (first_member[np.maximum(groups, 0)] < np.arange(len(standing))[:, None])
+    for j in np.flatnonzero((groups >= 0).any(axis=1)).tolist():
+        mine = groups[j][groups[j] >= 0].tolist()
+        if has_earlier[j].any():
+            candidates = sorted({i for g in mine for i in kept_in[g]})
+            if candidates:
+                equal = np.count_nonzero(signatures[candidates] == signatures[j], axis=1)
+                best = int(np.argmax(equal))  # the first of the highest: candidates are in row order
+                score = float(equal[best]) / width  # as pair_jaccard computes it
+                if score >= threshold:
+                    index, of = standing[j], standing[candidates[best]]
+                    result[index] = Duplicate(rows[index].row_id, NEAR, BATCH, rows[of].row_id, date, score)
+                    continue
+        for g in mine:
+            kept_in[g].append(j)
 
 
 def _history_duplicates(rows: Sequence[NewRow], heads: list[int], date: str, history: History, threshold: float,
@@ -82,38 +108,13 @@ def _history_duplicates(rows: Sequence[NewRow], heads: list[int], date: str, his
         return
     scores = pair_jaccard(np.stack([rows[i].signature for i in open_heads]), items, slots,
                           np.stack([c.signature for c in candidates]))
-    best: dict[int, tuple[float, int]] = {}  # first of the highest scores: pairs come in (item, date, ref) order
     close = np.flatnonzero(scores >= threshold)
-    for item, score, slot in zip(items[close].tolist(), scores[close].tolist(), slots[close].tolist(), strict=True):
-        if score > best.get(item, (-1.0, 0))[0]:
-            best[item] = (score, slot)
-    for item, (score, slot) in best.items():
+    # per item, the first of its highest scores (slots are in (date, ref) order): sorted by item, -score, slot
+    close = close[np.lexsort((slots[close], -scores[close], items[close]))]
+    best = close[np.r_[True, items[close][1:] != items[close][:-1]]] if len(close) else close
+    for item, score, slot in zip(items[best].tolist(), scores[best].tolist(), slots[best].tolist(), strict=True):
         index, match = open_heads[item], candidates[slot]
         result[index] = Duplicate(rows[index].row_id, NEAR, HISTORY, match.row_id, match.date, score)
-
-
-def _batch_duplicates(rows: Sequence[NewRow], standing: list[int], date: str, threshold: float,
-                      result: list[Duplicate | None]) -> None:
-    """Mark rows near an earlier row of the batch that is kept, greedily in batch order."""
-    if len(standing) < 2:
-        return
-    pairs = batch_pairs(np.stack([rows[i].keys for i in standing]))
-    if not len(pairs):
-        return
-    signatures = np.stack([rows[i].signature for i in standing])
-    scores = pair_jaccard(signatures, pairs[:, 0], pairs[:, 1])
-    close = scores >= threshold
-    earlier: dict[int, list[tuple[int, float]]] = {}
-    for (i, j), score in zip(pairs[close].tolist(), scores[close].tolist(), strict=True):
-        earlier.setdefault(j, []).append((i, score))
-    dropped: set[int] = set()
-    for j in sorted(earlier):
-        kept = [(score, -i) for i, score in earlier[j] if i not in dropped]
-        if kept:
-            score, neg_i = max(kept)
-            dropped.add(j)
-            index, of = standing[j], standing[-neg_i]
-            result[index] = Duplicate(rows[index].row_id, NEAR, BATCH, rows[of].row_id, date, score)
 
 
 def find_duplicates(rows: Sequence[NewRow], date: str, history: History, threshold: float,
