@@ -430,6 +430,9 @@ class SelectConfig(_Strict):
     max_rows: int | None = Field(default=None, ge=1)
     max_tokens: int | None = Field(default=None, ge=1)
     replay_ratio: float = Field(default=1.0, ge=0.0, le=10.0)
+    replay_least_known: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="share of the replay taken as the calibration sample's rows with "
+        "the highest proxy ppl (the trained rows production holds most weakly); the rest is drawn at random")
     seed: int = 0
     trained_reference: str | None = "world/corpus/day0.jsonl"
 

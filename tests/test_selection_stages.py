@@ -89,3 +89,26 @@ def test_known_rows_dropped_new_rows_kept(selected_world) -> None:  # noqa: ANN0
     _, quality = selected_world
     q = quality[DATES[0]]
     assert q["known_dropped"] >= 0.8 and q["new_kept"] >= 0.9, q
+
+
+def test_least_known_replay_takes_the_weakest_trained_rows(selected_world, tmp_path) -> None:  # noqa: ANN001
+    from ctune_ops.stages.score import calibration_path, write_parquet
+    from tests.conftest import set_params
+
+    source, _ = selected_world
+    shutil.copytree(source.root, tmp_path / "ws", symlinks=True)
+    ws = set_params(Workspace.open(tmp_path / "ws"), {"select": {"replay_least_known": 1.0}})
+    date = DATES[2]
+    run_stage(ws, "select", date)
+    funnel = json.loads((ws.reports(date) / "selection.json").read_text())["funnel"]
+    replayed = {r["id"] for r in read_jsonl(ws.selected(date)) if r["selection"] == "replay"}
+    assert len(replayed) == funnel["replay"] == round(ws.config.select.replay_ratio * funnel["selected"]) > 0
+    calibration = pq.read_table(calibration_path(ws, date)).to_pydict()
+    ppl = dict(zip(calibration["id"], calibration["ppl"], strict=True))
+    assert replayed <= ppl.keys()
+    assert min(ppl[i] for i in replayed) >= max(p for i, p in ppl.items() if i not in replayed)
+
+    calibration["id"] = calibration["id"][::-1]  # not the draw the history gives: refuse, naming the file
+    write_parquet(calibration_path(ws, date), calibration)
+    with pytest.raises(StageError, match=rf"{date}.calibration.parquet is not the calibration sample.*rerun the score"):
+        run_stage(ws, "select", date)

@@ -13,7 +13,8 @@ import logging
 import time
 from typing import Any
 
-from ctune_ops.selection.history import TRAINED
+from ctune_ops.config import SelectConfig
+from ctune_ops.selection.history import TRAINED, History
 from ctune_ops.selection.proxy_model import load_proxy
 from ctune_ops.selection.scorer import Scores, score_rows, tokenize_rows
 from ctune_ops.stages import StageResult
@@ -27,6 +28,13 @@ log = logging.getLogger(__name__)
 
 def calibration_path(ws: Workspace, date: str):  # noqa: ANN201 - a Path
     return ws.scored(date).with_suffix(".calibration.parquet")
+
+
+def calibration_sample(history: History, select: SelectConfig, date: str) -> list[dict[str, Any]]:
+    """The trained rows scored beside the day's (the select stage calibrates tau_known on them and may replay
+    them): a reproducible draw of ``select.calibration_rows`` rows trained before ``date``."""
+    return history.sample_records(TRAINED, select.calibration_rows, seed=f"{select.seed}:{date}:calibration",
+                                  before=date)
 
 
 def write_parquet(path: Any, columns: dict[str, list[Any]]) -> None:
@@ -61,8 +69,7 @@ def run(ws: Workspace, date: str) -> StageResult:
     records = read_stage_input(ws.unique(date), ws, "dedup")
     proxy = load_proxy(ws, config.score.threads)
     with open_history(ws) as history:
-        reference = history.sample_records(TRAINED, config.select.calibration_rows,
-                                           seed=f"{config.select.seed}:{date}:calibration", before=date)
+        reference = calibration_sample(history, config.select, date)
         everything = records + reference
         rows = tokenize_rows(proxy.tokenizer, everything, config.models.prompt, config.models.max_length)
         cached = {key: loss for key, (loss, _) in

@@ -5,7 +5,8 @@ Reads ``data/accepted/D.jsonl`` (the order of the decisions), ``reports/D/dedup.
 
 * ``reports/D/decisions.parquet`` -- every accepted row once: decision, the row a duplicate repeats, scores;
 * ``data/selected/D.jsonl`` -- the selected rows (``selection: new``) and a replay sample of rows trained
-  before D (``selection: replay``, ``replay_ratio`` times as many), the training set of the train stage;
+  before D (``selection: replay``, ``replay_ratio`` times as many, see ``replay_least_known``), the training set
+  of the train stage;
 * ``reports/D/selection.json`` -- the funnel, ``tau_known`` and score summaries per decision;
 * the decisions in ``state/history.sqlite`` (``known`` with the production version that judged it).
 """
@@ -19,13 +20,13 @@ from typing import Any
 
 import numpy as np
 
-from ctune_ops.records import write_jsonl
-from ctune_ops.selection.history import KNOWN, TRAINED
+from ctune_ops.records import dumps_record, write_jsonl
+from ctune_ops.selection.history import KNOWN, TRAINED, History
 from ctune_ops.selection.policy import POLICY_DECISIONS, decide
 from ctune_ops.stages import StageError, StageResult
 from ctune_ops.stages.dedup import REPORT_FILE as DEDUP_REPORT
 from ctune_ops.stages.dedup import open_history, read_stage_input, require_input, write_report
-from ctune_ops.stages.score import calibration_path, write_parquet
+from ctune_ops.stages.score import calibration_path, calibration_sample, write_parquet
 from ctune_ops.workspace import Workspace
 
 STAGE = "select"
@@ -47,6 +48,30 @@ def _summary(values: np.ndarray) -> dict[str, float] | None:
         return None
     q = np.quantile(values, [0.1, 0.5, 0.9])
     return {"p10": round(float(q[0]), 4), "p50": round(float(q[1]), 4), "p90": round(float(q[2]), 4)}
+
+
+def _replay(ws: Workspace, history: History, date: str, count: int,
+            calibration: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """``count`` rows trained before ``date`` to train again beside the new ones.
+
+    ``replay_least_known`` of them are the rows of the calibration sample (trained rows the proxy scored today,
+    see the score stage) with the highest ppl, the trained facts production holds most weakly; the rest are
+    drawn at random from every trained row. The calibration rows are the score stage's draw, read again.
+    """
+    config = ws.config.select
+    drawn = history.sample_records(TRAINED, count, seed=f"{config.seed}:{date}:replay", before=date)
+    weakest_count = round(config.replay_least_known * count)
+    if not weakest_count:
+        return drawn
+    sample = calibration_sample(history, config, date)
+    if [str(r["id"]) for r in sample] != calibration["id"]:
+        raise StageError(f"{calibration_path(ws, date).relative_to(ws.root)} is not the calibration sample of "
+                         f"state/history.sqlite for {date}: rerun the score stage for this date")
+    ppl = np.asarray(calibration["ppl"], dtype=float)
+    order = np.lexsort((np.arange(len(ppl)), -ppl))  # highest ppl first, ties in sample order
+    weakest = [sample[k] for k in sorted(order[:weakest_count].tolist())]
+    taken = {dumps_record(r) for r in weakest}
+    return weakest + [r for r in drawn if dumps_record(r) not in taken][: count - len(weakest)]
 
 
 def run(ws: Workspace, date: str) -> StageResult:
@@ -92,8 +117,7 @@ def run(ws: Workspace, date: str) -> StageResult:
     with open_history(ws) as history:
         history.set_decisions(date, {str(unique[k]["id"]): (d, version if d == KNOWN else None)
                                      for k, d in enumerate(policy.decisions)})
-        replay = history.sample_records(TRAINED, round(config.replay_ratio * len(chosen)),
-                                        seed=f"{config.seed}:{date}:replay", before=date)
+        replay = _replay(ws, history, date, round(config.replay_ratio * len(chosen)), calibration)
     training = [{**r, "selection": "new"} for r in chosen] + [{**r, "selection": "replay"} for r in replay]
     write_jsonl(ws.selected(date), training)
     write_parquet(ws.reports(date) / DECISIONS_FILE, table)
