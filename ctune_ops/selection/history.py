@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from ctune_ops.config import DedupConfig
-from ctune_ops.records import dumps_record, fingerprint
+from ctune_ops.records import encode_jsonl, fingerprint
 from ctune_ops.selection.minhash import HASH_SCHEME, MinHasher, band_keys, shingle_text
 from ctune_ops.workspace import BASE_VERSION
 
@@ -271,11 +271,12 @@ class History:
             # the refs SQLite would pick one by one (max + 1), given up front so one executemany inserts them all
             first = db.execute("SELECT COALESCE(MAX(ref), 0) FROM rows").fetchone()[0] + 1
             refs = list(range(first, first + len(fresh)))
+            texts = encode_jsonl([row.record for row in fresh]).split(b"\n")[:-1]  # dumps_record's, in one call
             db.executemany(
                 "INSERT INTO rows (ref, date, row_id, fingerprint, signature, decision, version, record) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [(ref, date, row.row_id, row.fingerprint, row.signature.astype(np.uint32).tobytes(), initial,
-                  version, dumps_record(row.record)) for ref, row in zip(refs, fresh, strict=True)],
+                  version, text.decode("utf-8")) for ref, row, text in zip(refs, fresh, texts, strict=True)],
             )
             if fresh:  # the refs are consecutive: key k of the JSON array belongs to ref first + k // bands
                 keys = np.stack([row.keys for row in fresh])

@@ -82,15 +82,14 @@ class MinHasher:
     seed: int = 1
     _a: np.ndarray = field(init=False, repr=False)
     _b: np.ndarray = field(init=False, repr=False)
-    _up: np.ndarray = field(init=False, repr=False)  # P**i mod 2**64, i < _BYTES_PER_CHUNK
+    _up: np.ndarray = field(init=False, repr=False)  # P**i mod 2**64 for the longest buffer seen so far
     _down: np.ndarray = field(init=False, repr=False)  # P**-i mod 2**64
 
     def __post_init__(self) -> None:
         rng = np.random.default_rng(self.seed)
         self._a = rng.integers(0, 2**32 - 1, size=self.num_perm, dtype=np.uint32, endpoint=True) | np.uint32(1)
         self._b = rng.integers(0, 2**32 - 1, size=self.num_perm, dtype=np.uint32, endpoint=True)
-        self._up = _powers(_WORD_BASE, _BYTES_PER_CHUNK + 1)
-        self._down = _powers(pow(_WORD_BASE, -1, 2**64), _BYTES_PER_CHUNK + 1)
+        self._up = self._down = np.ones(1, dtype=np.uint64)
 
     def word_hashes(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """The 64-bit hash of every word of every text, in order, and each text's word count."""
@@ -113,8 +112,13 @@ class MinHasher:
     def _chunk_word_hashes(self, encoded: list[bytes], lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         buffer = np.frombuffer(b" ".join(encoded), dtype=np.uint8)  # the space keeps words inside their text
         n = len(buffer)
-        up, down = (self._up, self._down) if n < len(self._up) else (
-            _powers(_WORD_BASE, n + 1), _powers(pow(_WORD_BASE, -1, 2**64), n + 1))  # one text above the chunk
+        if n >= len(self._up):  # computed as needed (a whole chunk's tables cost 30 ms), kept up to a chunk
+            size = max(n + 1, min(2 * len(self._up), _BYTES_PER_CHUNK + 1))
+            up, down = _powers(_WORD_BASE, size), _powers(pow(_WORD_BASE, -1, 2**64), size)
+            if size <= _BYTES_PER_CHUNK + 1:
+                self._up, self._down = up, down
+        else:
+            up, down = self._up, self._down
         edges = np.diff(_WORD_BYTE[buffer].view(np.int8), prepend=np.int8(0), append=np.int8(0))
         starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
         prefix = np.zeros(n + 1, dtype=np.uint64)
