@@ -36,27 +36,23 @@ class Duplicate:
         return asdict(self)
 
 
-def shared_band_groups(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Which LSH groups each row is in: ``(groups, first_member)``.
+def shared_band_groups(keys: np.ndarray) -> tuple[np.ndarray, int]:
+    """Which LSH groups each row is in: ``(groups, count)``.
 
-    ``groups[r, b]`` numbers the group of rows whose band ``b`` equals row ``r``'s (keys are salted with their
-    band, so one stable sort over all keys finds every group), or is -1 when no other row shares it;
-    ``first_member[g]`` is the lowest row of group ``g``. A row is nobody's duplicate candidate unless some group
-    of it has an earlier first member.
+    ``groups[r, b]`` numbers (0 .. count - 1) the group of rows whose band ``b`` equals row ``r``'s (keys are
+    salted with their band, so one sort over all keys finds every group), or is -1 when no other row shares it.
     """
     rows, bands = keys.shape
     flat = keys.ravel()
-    order = np.argsort(flat, kind="stable")  # equal keys keep row order: each group's first member leads it
+    order = np.argsort(flat)
     ordered = flat[order]
     leads = np.r_[True, ordered[1:] != ordered[:-1]]
     sizes = np.diff(np.r_[np.flatnonzero(leads), len(flat)])
-    group = np.cumsum(leads) - 1
-    shared = sizes[group] > 1
+    shared = sizes[np.cumsum(leads) - 1] > 1
     numbers = np.cumsum(leads & shared) - 1  # shared groups numbered 0, 1, ... in key order
     groups = np.full(len(flat), -1, dtype=np.int64)
     groups[order[shared]] = numbers[shared]
-    first_member = (order[leads & shared]) // bands
-    return groups.reshape(rows, bands), first_member
+    return groups.reshape(rows, bands), int(np.count_nonzero(leads & shared))
 
 
 def _batch_duplicates(rows: Sequence[NewRow], standing: list[int], date: str, threshold: float,
@@ -66,28 +62,26 @@ def _batch_duplicates(rows: Sequence[NewRow], standing: list[int], date: str, th
     Each row is compared only with the earlier *kept* rows it shares a band with (as an LSH index of the kept
     rows would do), not with every earlier candidate: a templated answer repeated in hundreds of rows is then
     hundreds of comparisons with its first copy, not the tens of thousands of pairs among all copies. Rows that
-    share no band with an earlier row are kept without a comparison. Of several close kept rows, the closest
-    (then the earliest) is named.
+    share no band with another row are kept without a look. Of several close kept rows, the closest (then the
+    earliest) is named.
     """
     if len(standing) < 2:
         return
-    groups, first_member = shared_band_groups(np.stack([rows[i].keys for i in standing]))
+    groups, count = shared_band_groups(np.stack([rows[i].keys for i in standing]))
     signatures = np.stack([rows[i].signature for i in standing])
     width = signatures.shape[1]
-    kept_in: list[list[int]] = [[] for _ in range(len(first_member))]  # each group's kept rows, in order
-    has_earlier = (groups >= 0) & (first_member[np.maximum(groups, 0)] < np.arange(len(standing))[:, None])
+    kept_in: list[list[int]] = [[] for _ in range(count)]  # each group's kept rows so far, in row order
     for j in np.flatnonzero((groups >= 0).any(axis=1)).tolist():
         mine = groups[j][groups[j] >= 0].tolist()
-        if has_earlier[j].any():
-            candidates = sorted({i for g in mine for i in kept_in[g]})
-            if candidates:
-                equal = np.count_nonzero(signatures[candidates] == signatures[j], axis=1)
-                best = int(np.argmax(equal))  # the first of the highest: candidates are in row order
-                score = float(equal[best]) / width  # as pair_jaccard computes it
-                if score >= threshold:
-                    index, of = standing[j], standing[candidates[best]]
-                    result[index] = Duplicate(rows[index].row_id, NEAR, BATCH, rows[of].row_id, date, score)
-                    continue
+        candidates = sorted({i for g in mine for i in kept_in[g]})
+        if candidates:
+            equal = np.count_nonzero(signatures[candidates] == signatures[j], axis=1)
+            best = int(np.argmax(equal))  # the first of the highest: candidates are in row order
+            score = float(equal[best]) / width  # as pair_jaccard computes it
+            if score >= threshold:
+                index, of = standing[j], standing[candidates[best]]
+                result[index] = Duplicate(rows[index].row_id, NEAR, BATCH, rows[of].row_id, date, score)
+                continue
         for g in mine:
             kept_in[g].append(j)
 
