@@ -433,8 +433,25 @@ class SelectConfig(_Strict):
     replay_least_known: float = Field(
         default=0.0, ge=0.0, le=1.0, description="share of the replay taken as the calibration sample's rows with "
         "the highest proxy ppl (the trained rows production holds most weakly); the rest is drawn at random")
+    replay_similar: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="share of the replay taken as, for each selected row in turn, "
+        "the trained row most similar in words (ctune_ops/selection/replay.py); the rest is drawn at random")
+    replay_known_today: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="share of the replay taken from today's rows judged known "
+        "(production's facts in today's wording); the rest is drawn at random")
+    replay_pool_rows: int = Field(default=4096, ge=1, description="trained rows drawn at random as the "
+                                  "candidates of the similar replay")
     seed: int = 0
     trained_reference: str | None = "world/corpus/day0.jsonl"
+
+    @model_validator(mode="after")
+    def _replay_shares(self) -> SelectConfig:
+        shares = {"replay_known_today": self.replay_known_today, "replay_similar": self.replay_similar,
+                  "replay_least_known": self.replay_least_known}
+        if sum(shares.values()) > 1.0:
+            raise ValueError(" + ".join(f"{k} ({v})" for k, v in shares.items()) + " is more than the whole "
+                             "replay (1.0)")
+        return self
 
     @model_validator(mode="after")
     def _random_needs_rows(self) -> SelectConfig:
@@ -575,7 +592,22 @@ class TrainHyperparameters(_Strict):
     seed: int = 0
 
 
-class TrainConfig(TrainHyperparameters):
+class AdapterTrainHyperparameters(TrainHyperparameters):
+    """The deployed adapter's training: the shared settings, plus what its replay rows are trained on.
+
+    ``replay_loss: labels`` trains replayed rows like new ones (cross-entropy on their response tokens).
+    ``distill`` trains them towards production's own next-token distributions on their responses instead
+    (Learning without Forgetting; Li & Hoiem, 2016): production's ``distill_top_k`` most likely tokens at each
+    response position and the rest of the mass as one bucket, computed once before the first step. A one-hot
+    label only says which answer is right; the distribution also holds how production ranks the wrong ones,
+    which is what a multiple-choice eval compares.
+    """
+
+    replay_loss: Literal["labels", "distill"] = "labels"
+    distill_top_k: int = Field(default=64, ge=1, description="production's most likely tokens kept per position")
+
+
+class TrainConfig(AdapterTrainHyperparameters):
     """The ``train`` stage (DESIGN §3.5): continue LoRA training of the production adapter on the day's rows.
 
     ``backend: local`` trains in a subprocess of the stage; ``kubernetes`` trains in a GPU pod built by

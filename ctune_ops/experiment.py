@@ -100,8 +100,10 @@ def parameter_counts(ws: Workspace) -> dict[str, int]:
 
 
 def flops(tokens: dict[str, int], sizes: dict[str, float]) -> dict[str, float]:
-    """FLOPs of one day: LoRA training of the deployed model, proxy scoring, proxy update."""
-    train = LORA_TRAIN_FLOPS * sizes["deployed_parameters"] * tokens["train"]
+    """FLOPs of one day: LoRA training of the deployed model (with production's forward pass over distilled replay
+    rows), proxy scoring, proxy update."""
+    train = (LORA_TRAIN_FLOPS * tokens["train"] + FORWARD_FLOPS * tokens.get("teacher", 0)) \
+        * sizes["deployed_parameters"]
     score = FORWARD_FLOPS * sizes["proxy_parameters"] * tokens["score"]
     proxy = FULL_TRAIN_FLOPS * sizes["proxy_parameters"] * tokens["proxy_update"]
     return {"train": train, "score": score, "proxy_update": proxy, "total": train + score + proxy}
@@ -130,7 +132,7 @@ def run_day(ws: Workspace, arm: str, date: str) -> dict[str, Any]:
         "selected": selection["funnel"]["selected"], "training_rows": selection["funnel"]["training_rows"],
         "unique": selection["funnel"]["unique"],
         "tokens": {"train": train.get("tokens_seen", 0), "score": _scoring_tokens(ws, date),
-                   "proxy_update": _proxy_tokens(train, proxy)},
+                   "proxy_update": _proxy_tokens(train, proxy), "teacher": train.get("teacher_tokens", 0)},
         "wall_s": {"score": walls["score"], "train": walls["train"], "proxy": walls["proxy"],
                    "evaluate": walls["evaluate"]},
         "production": scores,
@@ -198,7 +200,8 @@ def summarise(rows: list[dict[str, Any]], sizes: dict[str, int], dates: list[str
     per_arm: dict[str, Any] = {}
     for arm in arms:
         own = [r for r in rows if r["arm"] == arm]
-        tokens = {k: sum(_charged_tokens(r)[k] for r in own) for k in ("train", "score", "proxy_update")}
+        tokens = {k: sum(_charged_tokens(r).get(k, 0) for r in own)
+                  for k in ("train", "teacher", "score", "proxy_update")}
         per_arm[arm] = {
             "tokens": tokens,
             "flops_demo": flops(tokens, sizes),

@@ -112,3 +112,39 @@ def test_least_known_replay_takes_the_weakest_trained_rows(selected_world, tmp_p
     write_parquet(calibration_path(ws, date), calibration)
     with pytest.raises(StageError, match=rf"{date}.calibration.parquet is not the calibration sample.*rerun the score"):
         run_stage(ws, "select", date)
+
+
+@pytest.mark.parametrize("shares", [{"replay_known_today": 1.0}, {"replay_similar": 1.0},
+                                    {"replay_known_today": 0.5, "replay_similar": 0.5}])
+def test_replay_from_todays_known_rows_and_similar_trained_rows(selected_world, tmp_path, shares) -> None:  # noqa: ANN001
+    from ctune_ops.selection.replay import most_similar
+    from tests.conftest import set_params
+
+    source, _ = selected_world
+    shutil.copytree(source.root, tmp_path / "ws", symlinks=True)
+    ws = set_params(Workspace.open(tmp_path / "ws"), {"select": shares})
+    date = DATES[2]
+    run_stage(ws, "select", date)
+    funnel = json.loads((ws.reports(date) / "selection.json").read_text())["funnel"]
+    training = list(read_jsonl(ws.selected(date)))
+    replayed = [r for r in training if r["selection"] == "replay"]
+    assert len(replayed) == funnel["replay"] == round(ws.config.select.replay_ratio * funnel["selected"]) > 0
+    assert len({r["id"] for r in replayed}) == len(replayed)
+    decisions = pq.read_table(ws.reports(date) / "decisions.parquet").to_pydict()
+    known = {i for i, d in zip(decisions["id"], decisions["decision"], strict=True) if d == "known"}
+    want_known = min(round(shares.get("replay_known_today", 0) * len(replayed)), len(known))
+    from_today = [r for r in replayed if r["id"] in known]
+    assert len(from_today) == want_known
+    with History(ws.history_db, ws.config.dedup) as history:
+        trained = {r["id"] for r in history.sample_records("trained", 10**6, seed="all", before=date)}
+    assert all(r["id"] in trained for r in replayed if r["id"] not in known)  # the rest: rows trained earlier
+    if shares.get("replay_similar"):
+        chosen = [r for r in training if r["selection"] == "new"]
+        with History(ws.history_db, ws.config.dedup) as history:
+            pool = history.sample_records("trained", ws.config.select.replay_pool_rows,
+                                          seed=f"{ws.config.select.seed}:{date}:replay-pool", before=date)
+        similar = round(shares["replay_similar"] * len(replayed))
+        want = [pool[k]["id"] for k in most_similar([{k: v for k, v in r.items() if k != "selection"}
+                                                      for r in chosen], pool, similar)]
+        # each share rounds on its own (0.5 of 19 is 10 twice): the last similar rows may not fit
+        assert set(want[: len(replayed) - len(from_today)]) <= {r["id"] for r in replayed}

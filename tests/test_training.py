@@ -320,3 +320,96 @@ def test_entrypoint_writes_the_days_spec_or_rejects_a_bad_one(ws: Workspace, tmp
     assert "base_model: Field required" in err
     with pytest.raises(SystemExit):
         main(["--date", DATE])
+
+
+def _teacher_and_examples(ws: Workspace, top_k: int) -> tuple[Any, Any, list[Any], dict[int, Any], Any]:
+    """Production (base + a non-trivial deployed adapter), the day's examples and its targets on the replay rows."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ctune_ops.training.loop import Runtime, teacher_targets
+
+    deployed = _make_deployed_adapter(ws, rank=4)
+    base = ws.root / "models" / "base"
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), str(deployed))
+    rows = fact_rows()
+    examples = encode_examples(tokenizer, rows, ws.config.models.prompt, 96)
+    replayed = [i for i, row in enumerate(rows) if row["selection"] == "replay"]
+    runtime = Runtime("cpu", "float32", None)
+    return model, tokenizer, examples, teacher_targets(model, examples, replayed, top_k, tokenizer.pad_token_id,
+                                                        runtime, batch_size=2), runtime
+
+
+@pytest.mark.parametrize("top_k", [5, None])  # None: the whole vocabulary
+def test_distilled_rows_are_scored_against_productions_distribution(ws: Workspace, top_k: int | None) -> None:
+    """A replay row's loss is cross-entropy against production's top-k distribution (the rest as one bucket); a
+    new row's stays the NLL of its labels; both computed here independently of the loop's code."""
+    import torch
+
+    from ctune_ops.training.data import collate
+    from ctune_ops.training.loop import response_loss_sum
+
+    probe = _teacher_and_examples(ws, top_k or 10**6)
+    model, tokenizer, examples, teacher, runtime = probe
+    model.eval()
+    batch = [0, 2, 3, 5]  # new, replay, new, replay
+    input_ids, mask, labels = collate(examples, batch, tokenizer.pad_token_id)
+    # the teacher is the model itself here, so the distilled loss is production's own (truncated) entropy
+    with torch.no_grad():
+        got = float(response_loss_sum(model, input_ids, mask, labels, runtime, [teacher.get(i) for i in batch]))
+        log_q = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].log_softmax(-1)
+    want = 0.0
+    for row, index in enumerate(batch):
+        scored = labels[row, 1:] != IGNORE_INDEX
+        lq = log_q[row][scored]
+        if index not in teacher:
+            want -= float(lq.gather(-1, labels[row, 1:][scored][:, None]).sum())
+            continue
+        p = lq.exp()
+        if top_k is None:
+            want -= float((p * lq).sum())
+        else:
+            top_p, top_ids = p.topk(top_k, dim=-1)
+            rest = 1 - top_p.sum(-1)
+            want -= float((top_p * lq.gather(-1, top_ids)).sum() + (rest * torch.log(rest)).sum())
+        assert teacher[index][0].shape == (int(scored.sum()), min(top_k or 10**6, lq.shape[-1]))
+    assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_distilled_replay_keeps_production_on_the_replayed_rows(ws: Workspace) -> None:
+    """Trained with ``replay_loss: distill``, the candidate stays closer to production on the replay rows than
+    when they are trained on their labels (which the deployed adapter does not predict)."""
+    import torch
+
+    from ctune_ops.training.data import collate
+    from ctune_ops.training.loop import run_training
+
+    _make_deployed_adapter(ws, rank=4)
+    _write_day(ws, fact_rows())
+    model, tokenizer, examples, teacher, _ = _teacher_and_examples(ws, 10**6)
+    replayed = sorted(teacher)
+    input_ids, mask, labels = collate(examples, replayed, tokenizer.pad_token_id)
+    scored = labels[:, 1:] != IGNORE_INDEX
+
+    def kl_to_production(adapter: Path) -> float:
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        candidate = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ws.root / "models" / "base"),
+                                              str(adapter)).eval()
+        with torch.no_grad():
+            log_q = candidate(input_ids=input_ids, attention_mask=mask).logits[:, :-1].log_softmax(-1)[scored]
+            log_p = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].log_softmax(-1)[scored]
+        return float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+
+    kl = {}
+    for loss in ("labels", "distill"):
+        ws = set_params(ws, {"train": {"replay_loss": loss}})
+        report = run_training(spec_for_day(ws, DATE), ws.root, progress=lambda _: None)
+        assert report["replay_loss"] == loss
+        assert report["distilled_rows"] == (len(replayed) if loss == "distill" else 0)
+        assert (report["teacher_tokens"] > 0) == (loss == "distill")
+        kl[loss] = kl_to_production(ws.candidates(DATE) / "adapter")
+    assert kl["distill"] < 0.5 * kl["labels"], kl

@@ -4,9 +4,9 @@ Reads ``data/accepted/D.jsonl`` (the order of the decisions), ``reports/D/dedup.
 ``data/unique/D.jsonl``, ``data/scored/D.parquet`` and its calibration sample. Writes:
 
 * ``reports/D/decisions.parquet`` -- every accepted row once: decision, the row a duplicate repeats, scores;
-* ``data/selected/D.jsonl`` -- the selected rows (``selection: new``) and a replay sample of rows trained
-  before D (``selection: replay``, ``replay_ratio`` times as many, see ``replay_least_known``), the training set
-  of the train stage;
+* ``data/selected/D.jsonl`` -- the selected rows (``selection: new``) and ``replay_ratio`` times as many rows
+  production already holds (``selection: replay``: rows trained before D and today's rows judged known, see
+  :func:`_replay`), the training set of the train stage;
 * ``reports/D/selection.json`` -- the funnel, ``tau_known`` and score summaries per decision;
 * the decisions in ``state/history.sqlite`` (``known`` with the production version that judged it).
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from collections import Counter
 from typing import Any
 
@@ -23,6 +24,7 @@ import numpy as np
 from ctune_ops.records import dumps_record, write_jsonl
 from ctune_ops.selection.history import KNOWN, TRAINED, History
 from ctune_ops.selection.policy import POLICY_DECISIONS, decide
+from ctune_ops.selection.replay import most_similar
 from ctune_ops.stages import StageError, StageResult
 from ctune_ops.stages.dedup import REPORT_FILE as DEDUP_REPORT
 from ctune_ops.stages.dedup import open_history, read_stage_input, require_input, write_report
@@ -50,28 +52,46 @@ def _summary(values: np.ndarray) -> dict[str, float] | None:
     return {"p10": round(float(q[0]), 4), "p50": round(float(q[1]), 4), "p90": round(float(q[2]), 4)}
 
 
-def _replay(ws: Workspace, history: History, date: str, count: int,
-            calibration: dict[str, list[Any]]) -> list[dict[str, Any]]:
-    """``count`` rows trained before ``date`` to train again beside the new ones.
+def _replay(ws: Workspace, history: History, date: str, count: int, chosen: list[dict[str, Any]],
+            known_today: list[dict[str, Any]], calibration: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """``count`` rows production already holds, to train beside the new ones; the select config's shares say
+    which (they add up to at most 1; what they leave is drawn at random from every row trained before ``date``):
 
-    ``replay_least_known`` of them are the rows of the calibration sample (trained rows the proxy scored today,
-    see the score stage) with the highest ppl, the trained facts production holds most weakly; the rest are
-    drawn at random from every trained row. The calibration rows are the score stage's draw, read again.
+    * ``replay_known_today``: today's rows the policy judged known, drawn at random -- production's facts in
+      today's wording. Continuing the adapter on new facts alone erodes the facts it holds (demo world: 15-20
+      retention items lost a day, spread over every relation); rows it has already memorised barely resist
+      that, a fresh paraphrase of a known fact does, as the unfiltered stream's known rows do for ``all``;
+    * ``replay_similar``: for each selected row in turn, the trained row most similar in words
+      (:func:`ctune_ops.selection.replay.most_similar`) among ``replay_pool_rows`` drawn at random;
+    * ``replay_least_known``: the rows of the calibration sample (trained rows the proxy scored today, see the
+      score stage) with the highest ppl, the trained facts production holds most weakly; the calibration rows
+      are the score stage's draw, read again.
     """
     config = ws.config.select
-    drawn = history.sample_records(TRAINED, count, seed=f"{config.seed}:{date}:replay", before=date)
+    taken: list[dict[str, Any]] = []
+    known_count = min(round(config.replay_known_today * count), len(known_today))
+    if known_count:
+        rng = random.Random(f"{config.seed}:{date}:replay-known")
+        taken += [known_today[k] for k in sorted(rng.sample(range(len(known_today)), known_count))]
+    similar_count = round(config.replay_similar * count)
+    if similar_count:
+        pool = history.sample_records(TRAINED, config.replay_pool_rows, seed=f"{config.seed}:{date}:replay-pool",
+                                      before=date)
+        taken += [pool[k] for k in most_similar(chosen, pool, similar_count)]
     weakest_count = round(config.replay_least_known * count)
-    if not weakest_count:
-        return drawn
-    sample = calibration_sample(history, config, date)
-    if [str(r["id"]) for r in sample] != calibration["id"]:
-        raise StageError(f"{calibration_path(ws, date).relative_to(ws.root)} is not the calibration sample of "
-                         f"state/history.sqlite for {date}: rerun the score stage for this date")
-    ppl = np.asarray(calibration["ppl"], dtype=float)
-    order = np.lexsort((np.arange(len(ppl)), -ppl))  # highest ppl first, ties in sample order
-    weakest = [sample[k] for k in sorted(order[:weakest_count].tolist())]
-    taken = {dumps_record(r) for r in weakest}
-    return weakest + [r for r in drawn if dumps_record(r) not in taken][: count - len(weakest)]
+    if weakest_count:
+        sample = calibration_sample(history, config, date)
+        if [str(r["id"]) for r in sample] != calibration["id"]:
+            raise StageError(f"{calibration_path(ws, date).relative_to(ws.root)} is not the calibration sample of "
+                             f"state/history.sqlite for {date}: rerun the score stage for this date")
+        ppl = np.asarray(calibration["ppl"], dtype=float)
+        order = np.lexsort((np.arange(len(ppl)), -ppl))  # highest ppl first, ties in sample order
+        taken += [sample[k] for k in sorted(order[:weakest_count].tolist())]
+    drawn = history.sample_records(TRAINED, count, seed=f"{config.seed}:{date}:replay", before=date)
+    replay: dict[str, dict[str, Any]] = {}  # by the row's bytes: the parts may pick one row twice
+    for record in taken + drawn:  # each share rounds on its own, so together they may pass ``count``: cut
+        replay.setdefault(dumps_record(record), record)
+    return list(replay.values())[:count]
 
 
 def run(ws: Workspace, date: str) -> StageResult:
@@ -117,7 +137,9 @@ def run(ws: Workspace, date: str) -> StageResult:
     with open_history(ws) as history:
         history.set_decisions(date, {str(unique[k]["id"]): (d, version if d == KNOWN else None)
                                      for k, d in enumerate(policy.decisions)})
-        replay = _replay(ws, history, date, round(config.replay_ratio * len(chosen)), calibration)
+        known_today = [unique[k] for k, d in enumerate(policy.decisions) if d == KNOWN]
+        replay = _replay(ws, history, date, round(config.replay_ratio * len(chosen)), chosen, known_today,
+                         calibration)
     training = [{**r, "selection": "new"} for r in chosen] + [{**r, "selection": "replay"} for r in replay]
     write_jsonl(ws.selected(date), training)
     write_parquet(ws.reports(date) / DECISIONS_FILE, table)

@@ -58,6 +58,7 @@ PEFT_MODEL_CARD = "README.md"
 LOSS_DIGITS = 6  # first/final loss in the report; the curve keeps full precision
 CUBLAS_WORKSPACE_ENV = "CUBLAS_WORKSPACE_CONFIG"
 CUBLAS_WORKSPACE_CONFIG = ":4096:8"  # the setting NVIDIA documents for reproducible cuBLAS results
+REPLAY = "replay"  # the ``selection`` of a replayed row in data/selected/D.jsonl (the select stage writes it)
 
 
 @dataclass(frozen=True)
@@ -133,32 +134,85 @@ def load_model(spec: TrainSpec, root: Path, runtime: Runtime) -> tuple[Any, Any]
     return model, tokenizer
 
 
-def response_loss_sum(model: Any, input_ids: Any, attention_mask: Any, labels: Any, runtime: Runtime) -> Any:
-    """Summed next-token NLL over the labelled (response) positions of one micro-batch."""
+# per example index: production's top-k token ids and probabilities at each response position, (positions, k)
+TeacherTargets = dict[int, tuple[Any, Any]]
+
+
+def _logits(model: Any, input_ids: Any, attention_mask: Any, runtime: Runtime) -> Any:
     import torch
 
     with torch.autocast(runtime.device, dtype=getattr(torch, runtime.autocast_dtype or "float32"),
                         enabled=runtime.autocast_dtype is not None):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def teacher_targets(model: Any, examples: Sequence[Example], indices: Sequence[int], top_k: int, pad_id: int,
+                    runtime: Runtime, batch_size: int) -> TeacherTargets:
+    """The model's own top-``top_k`` next-token distribution at every response position of ``indices``.
+
+    Called before the first optimizer step, when the model is still production, with dropout off. The positions
+    are those the loss scores (logit ``t`` predicts label ``t + 1``), in order."""
+    import torch
+
+    targets: TeacherTargets = {}
+    model.eval()
+    with torch.no_grad():  # not inference_mode: its tensors could not enter the training loss's graph
+        for start in range(0, len(indices), batch_size):
+            batch = list(indices[start : start + batch_size])
+            input_ids, attention_mask, labels = (t.to(runtime.device) for t in collate(examples, batch, pad_id))
+            logits = _logits(model, input_ids, attention_mask, runtime)[:, :-1].float()
+            scored = labels[:, 1:] != IGNORE_INDEX
+            for row, index in enumerate(batch):
+                probs, ids = logits[row][scored[row]].softmax(-1).topk(min(top_k, logits.shape[-1]), dim=-1)
+                targets[index] = (ids, probs)
+    model.train()
+    return targets
+
+
+def response_loss_sum(model: Any, input_ids: Any, attention_mask: Any, labels: Any, runtime: Runtime,
+                      teacher: Sequence[tuple[Any, Any] | None] | None = None) -> Any:
+    """Summed next-token loss over the labelled (response) positions of one micro-batch.
+
+    A row with ``teacher`` targets (production's top-k ids and probabilities per response position) is scored by
+    cross-entropy against that distribution, the mass outside the top k as one bucket; the others by NLL of
+    their labels."""
+    import torch
+
+    logits = _logits(model, input_ids, attention_mask, runtime)[:, :-1]
+    targets = labels[:, 1:]
+    distilled = [row for row, t in enumerate(teacher or ()) if t is not None]
+    if distilled:
+        targets = targets.clone()
+        targets[distilled] = IGNORE_INDEX
+    total = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
+    for row in distilled:
+        ids, probs = teacher[row]
+        log_q = logits[row][labels[row, 1:] != IGNORE_INDEX].float().log_softmax(-1)
+        top = log_q.gather(-1, ids)
+        rest_p = (1.0 - probs.sum(-1)).clamp(min=0.0)
+        rest_log_q = torch.log((1.0 - top.exp().sum(-1)).clamp(min=torch.finfo(top.dtype).tiny))
+        total = total - (probs * top).sum() - (rest_p * rest_log_q).sum()
+    return total
 
 
 def optimizer_step(model: Any, optimizer: Any, params: list[Any], examples: Sequence[Example],
                    micro_batches: Sequence[Sequence[int]], pad_id: int, runtime: Runtime,
-                   max_grad_norm: float) -> float:
+                   max_grad_norm: float, teacher: TeacherTargets | None = None) -> float:
     """One optimizer step over ``micro_batches`` (gradient accumulation); returns the step's mean response loss.
 
     Each micro-batch's summed loss is divided by the step's response-token count, so accumulation weighs every
-    token the same however the rows fall into micro-batches."""
+    token the same however the rows fall into micro-batches. Rows in ``teacher`` are distilled (see
+    :func:`response_loss_sum`)."""
     import torch
 
     step_tokens = sum(examples[i].response_tokens for batch in micro_batches for i in batch)
     step_loss = 0.0
     for batch in micro_batches:
         input_ids, attention_mask, labels = (t.to(runtime.device) for t in collate(examples, batch, pad_id))
-        loss_sum = response_loss_sum(model, input_ids, attention_mask, labels, runtime)
+        loss_sum = response_loss_sum(model, input_ids, attention_mask, labels, runtime,
+                                     [teacher.get(i) for i in batch] if teacher else None)
         (loss_sum / step_tokens).backward()
         step_loss += loss_sum.item()
     torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
@@ -222,6 +276,11 @@ def run_training(spec: TrainSpec, root: Path, progress: Callable[[str], None] = 
         total_steps = math.ceil(len(plan) / hyper.grad_accumulation)
         warmup_steps = int(total_steps * hyper.warmup_fraction)
         params = [p for _, p in trainable_parameters(model)]
+        # production's own distributions on the replayed rows, before any step changes it (a resumed run
+        # recomputes them here, before the checkpoint's weights are restored)
+        replayed = [i for i, row in enumerate(rows) if row.get("selection") == REPLAY]
+        teacher = (teacher_targets(model, examples, replayed, hyper.distill_top_k, tokenizer.pad_token_id,
+                                   runtime, hyper.batch_size) if hyper.replay_loss == "distill" else None)
         optimizer = torch.optim.AdamW(params, lr=hyper.learning_rate, betas=ADAM_BETAS,
                                       weight_decay=hyper.weight_decay)
 
@@ -249,7 +308,7 @@ def run_training(spec: TrainSpec, root: Path, progress: Callable[[str], None] = 
                 group["lr"] = lr
             micro_batches = plan[step * hyper.grad_accumulation : (step + 1) * hyper.grad_accumulation]
             losses.append(optimizer_step(model, optimizer, params, examples, micro_batches, tokenizer.pad_token_id,
-                                         runtime, hyper.max_grad_norm))
+                                         runtime, hyper.max_grad_norm, teacher))
             step += 1
             if step % LOG_EVERY_STEPS == 0 or step == total_steps:
                 recent = losses[-LOG_EVERY_STEPS:]
@@ -281,6 +340,9 @@ def run_training(spec: TrainSpec, root: Path, progress: Callable[[str], None] = 
             "batch_size": hyper.batch_size,
             "grad_accumulation": hyper.grad_accumulation,
             "learning_rate": hyper.learning_rate,
+            "replay_loss": hyper.replay_loss,
+            "distilled_rows": len(teacher or {}),
+            "teacher_tokens": sum(len(examples[i].input_ids) for i in (teacher or {})),  # one forward pass each
             "schedule": hyper.schedule,
             "warmup_steps": warmup_steps,
             "loss_curve": losses,

@@ -18,7 +18,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ctune_ops.config import PromptConfig, TrainHyperparameters
+from ctune_ops.config import AdapterTrainHyperparameters, PromptConfig
 from ctune_ops.workspace import Workspace, atomic_write_text
 
 SPEC_FORMAT = 1
@@ -61,7 +61,7 @@ class TrainSpec(BaseModel):
     prompt: PromptConfig
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int = Field(default=0, ge=0)
-    hyper: TrainHyperparameters
+    hyper: AdapterTrainHyperparameters
 
     def path(self, root: Path, relative: str) -> Path:
         """``relative`` (a path of this spec) resolved against the workspace ``root``."""
@@ -135,7 +135,8 @@ def spec_for_day(ws: Workspace, date: str) -> TrainSpec:
         prompt=config.models.prompt,
         device=config.models.device,
         threads=train.threads,
-        hyper=TrainHyperparameters.model_validate(train.model_dump(include=set(TrainHyperparameters.model_fields))),
+        hyper=AdapterTrainHyperparameters.model_validate(
+            train.model_dump(include=set(AdapterTrainHyperparameters.model_fields))),
     )
 
 
