@@ -439,6 +439,11 @@ class SelectConfig(_Strict):
     replay_known_today: float = Field(
         default=0.0, ge=0.0, le=1.0, description="share of the replay taken from today's rows judged known "
         "(production's facts in today's wording); the rest is drawn at random")
+    rehearse_known: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="share of today's rows judged known that the training set's "
+        "rehearsal pass (train.rehearsal) goes over after the main epochs")
+    rehearse_trained: int = Field(default=0, ge=0, description="rows trained before the day, drawn at random, "
+                                  "added to the rehearsal pass")
     replay_pool_rows: int = Field(default=4096, ge=1, description="trained rows drawn at random as the "
                                   "candidates of the similar replay")
     seed: int = 0
@@ -592,6 +597,14 @@ class TrainHyperparameters(_Strict):
     seed: int = 0
 
 
+class RehearsalSettings(_Strict):
+    """The rehearsal pass: after the main epochs, a short pass over the rows the select stage marked
+    ``rehearse`` (rows production already knows), with its own warm-up and decay to 0."""
+
+    epochs: int = Field(default=3, ge=1)
+    learning_rate: float = Field(default=2e-4, gt=0)
+
+
 class AdapterTrainHyperparameters(TrainHyperparameters):
     """The deployed adapter's training: the shared settings, plus what its replay rows are trained on.
 
@@ -600,10 +613,12 @@ class AdapterTrainHyperparameters(TrainHyperparameters):
     (Learning without Forgetting; Li & Hoiem, 2016): production's ``distill_top_k`` most likely tokens at each
     response position and the rest of the mass as one bucket, computed once before the first step. A one-hot
     label only says which answer is right; the distribution also holds how production ranks the wrong ones,
-    which is what a multiple-choice eval compares.
+    which is what a multiple-choice eval compares. ``rehearsal`` is the pass over the rows the select stage
+    marked ``rehearse`` (``select.rehearse_known``, ``select.rehearse_trained``), after the main epochs.
     """
 
     replay_loss: Literal["labels", "distill"] = "labels"
+    rehearsal: RehearsalSettings = RehearsalSettings()
     distill_top_k: int = Field(default=64, ge=1, description="production's most likely tokens kept per position")
 
 

@@ -81,7 +81,9 @@ def _proxy_tokens(train: dict[str, Any], proxy: dict[str, Any]) -> int:
     fit = proxy.get("training")
     if not fit or not train.get("epochs"):
         return 0  # static arm: no update
-    return round(train["tokens_seen"] / train["epochs"] * fit["epochs"])
+    rehearsal = train.get("rehearsal") or {}
+    rehearsed = rehearsal.get("tokens_seen", 0)  # the proxy skips the rehearsal pass
+    return round((train["tokens_seen"] - rehearsed) / train["epochs"] * fit["epochs"])
 
 
 def parameter_counts(ws: Workspace) -> dict[str, int]:

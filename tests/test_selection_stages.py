@@ -148,3 +148,31 @@ def test_replay_from_todays_known_rows_and_similar_trained_rows(selected_world, 
                                                       for r in chosen], pool, similar)]
         # each share rounds on its own (0.5 of 19 is 10 twice): the last similar rows may not fit
         assert set(want[: len(replayed) - len(from_today)]) <= {r["id"] for r in replayed}
+
+
+def test_rehearsal_rows_are_todays_known_rows_and_trained_rows(selected_world, tmp_path) -> None:  # noqa: ANN001
+    from tests.conftest import set_params
+
+    source, _ = selected_world
+    shutil.copytree(source.root, tmp_path / "ws", symlinks=True)
+    ws = set_params(Workspace.open(tmp_path / "ws"), {"select": {"rehearse_known": 1.0, "rehearse_trained": 7}})
+    date = DATES[2]
+    run_stage(ws, "select", date)
+    funnel = json.loads((ws.reports(date) / "selection.json").read_text())["funnel"]
+    training = list(read_jsonl(ws.selected(date)))
+    order = [r["selection"] for r in training]
+    assert order == sorted(order, key=["new", "replay", "rehearse"].index)  # the rehearsal rows come last
+    rehearsed = [r for r in training if r["selection"] == "rehearse"]
+    replayed = {r["id"] for r in training if r["selection"] == "replay"}
+    decisions = pq.read_table(ws.reports(date) / "decisions.parquet").to_pydict()
+    known = {i for i, d in zip(decisions["id"], decisions["decision"], strict=True) if d == "known"}
+    from_today = {r["id"] for r in rehearsed if r["id"] in known}
+    assert from_today == known and known  # rehearse_known 1.0: every row judged known today
+    earlier = [r for r in rehearsed if r["id"] not in known]
+    assert 0 < len(earlier) <= 7 and not {r["id"] for r in earlier} & replayed  # a replayed row is not repeated
+    with History(ws.history_db, ws.config.dedup) as history:
+        trained = {r["id"] for r in history.sample_records("trained", 10**6, seed="all", before=date)}
+    assert {r["id"] for r in earlier} <= trained
+    assert funnel["rehearse"] == len(rehearsed) and funnel["training_rows"] == len(training)
+    decision_of = dict(zip(decisions["id"], decisions["decision"], strict=True))
+    assert all(decision_of[r["id"]] == "known" for r in rehearsed if r["id"] in decision_of)  # decisions unchanged

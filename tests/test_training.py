@@ -413,3 +413,51 @@ def test_distilled_replay_keeps_production_on_the_replayed_rows(ws: Workspace) -
         assert (report["teacher_tokens"] > 0) == (loss == "distill")
         kl[loss] = kl_to_production(ws.candidates(DATE) / "adapter")
     assert kl["distill"] < 0.5 * kl["labels"], kl
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_the_rehearsal_pass_follows_the_main_epochs_and_resumes_exactly(ws: Workspace, tmp_path: Path) -> None:
+    """Rows marked ``rehearse`` get their own pass after the main epochs (its epochs, its learning-rate peak);
+    a run stopped inside that pass resumes from its checkpoint to the very tensors of an uninterrupted run."""
+    import math
+
+    import torch
+
+    from ctune_ops.training.loop import run_training
+
+    rows = [{**r, "selection": "rehearse" if r["selection"] == "replay" else "new"} for r in fact_rows()]
+    ws = set_params(ws, {"train": {"checkpoint_every_steps": 38, "rehearsal": {"epochs": 3, "learning_rate": 0.002}}})
+    reference_ws = Workspace(Path(shutil.copytree(ws.root, tmp_path / "reference", symlinks=True)))
+    for target in (ws, reference_ws):
+        _write_day(target, rows)
+    reference = run_training(spec_for_day(reference_ws, DATE), reference_ws.root, progress=lambda _: None)
+    main_steps, rehearsal_steps = 12 * math.ceil(12 / 4), 3 * math.ceil(6 / 4)  # rows / batch_size per epoch
+    assert reference["steps"] == main_steps + rehearsal_steps
+    assert reference["rehearsal"]["rows"] == 6 and reference["rehearsal"]["steps"] == rehearsal_steps
+    tokenizer_rows = encode_examples(_tokenizer(ws), rows, ws.config.models.prompt, 96)
+    lengths = [len(e.input_ids) for e in tokenizer_rows]
+    main_tokens = sum(n for n, r in zip(lengths, rows, strict=True) if r["selection"] == "new")
+    assert reference["rehearsal"]["tokens_seen"] == 3 * (sum(lengths) - main_tokens)
+    assert reference["tokens_seen"] == 12 * main_tokens + reference["rehearsal"]["tokens_seen"]
+
+    def stop_at_step_40(message: str) -> None:  # after the checkpoint at step 38, inside the rehearsal pass
+        if message.startswith("step 40/"):
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        run_training(spec_for_day(ws, DATE), ws.root, progress=stop_at_step_40)
+    resumed = run_training(spec_for_day(ws, DATE), ws.root, progress=lambda _: None)
+    assert resumed["resumed_from"]["step"] == 38 > main_steps
+    assert resumed["loss_curve"] == pytest.approx(reference["loss_curve"], rel=1e-5)
+    got = _adapter_tensors(ws.candidates(DATE) / "adapter")
+    for name, tensor in _adapter_tensors(reference_ws.candidates(DATE) / "adapter").items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-5, atol=1e-7)
+
+
+def _tokenizer(ws: Workspace) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(ws.root / "models" / "base")

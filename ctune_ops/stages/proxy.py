@@ -27,6 +27,7 @@ import numpy as np
 
 from ctune_ops.stages import StageError, StageResult
 from ctune_ops.stages.dedup import read_stage_input, require_input, write_report
+from ctune_ops.stages.select import REHEARSE
 from ctune_ops.workspace import Workspace
 
 STAGE = "proxy"
@@ -101,7 +102,10 @@ def run(ws: Workspace, date: str) -> StageResult:
         model, tokenizer = load_trainable_proxy(location, is_adapter, proxy_base, config, device)
     except OSError as exc:
         raise StageError(f"cannot load the proxy from {location}: {exc}") from None
-    fit = train_proxy(model, tokenizer, training, ws.config.models.prompt, config, device)
+    # the proxy learns what the candidate learned new (and its replay); the rehearsal pass only restores what
+    # production knew, which the proxy, never drifted by the main epochs, still knows
+    fit = train_proxy(model, tokenizer, [r for r in training if r.get("selection") != REHEARSE],
+                      ws.config.models.prompt, config, device)
     out_dir = ws.candidates(date) / PROXY_DIR
     save_proxy(model, tokenizer, out_dir, base_name=ws.config.models.proxy_base)
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ctune_ops.config import AdapterTrainHyperparameters
 from ctune_ops.training.checkpoint import (
     Checkpoint,
     clear_checkpoints,
@@ -59,6 +60,7 @@ LOSS_DIGITS = 6  # first/final loss in the report; the curve keeps full precisio
 CUBLAS_WORKSPACE_ENV = "CUBLAS_WORKSPACE_CONFIG"
 CUBLAS_WORKSPACE_CONFIG = ":4096:8"  # the setting NVIDIA documents for reproducible cuBLAS results
 REPLAY = "replay"  # the ``selection`` of a replayed row in data/selected/D.jsonl (the select stage writes it)
+REHEARSE = "rehearse"  # ... and of a row for the rehearsal pass after the main epochs
 
 
 @dataclass(frozen=True)
@@ -248,6 +250,36 @@ def save_adapter(model: Any, spec: TrainSpec, tokenizer: Any, out_dir: Path) -> 
         (tmp / PROMPT_RECORD).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
 
 
+@dataclass(frozen=True)
+class Phase:
+    """A run of optimizer steps with one learning-rate schedule: the main epochs, or the rehearsal pass."""
+
+    first_batch: int  # index into the plan
+    batches: int
+    first_step: int
+    steps: int
+    warmup_steps: int
+    learning_rate: float
+
+
+def _plan(examples: Sequence[Example], indices: Sequence[int], batch_size: int, epochs: int,
+          seed: int) -> list[list[int]]:
+    """The batch plan of the rows ``indices`` (row indices of ``examples``)."""
+    batches = plan_batches([len(examples[i].input_ids) for i in indices], batch_size, epochs, seed)
+    return [[indices[j] for j in batch] for batch in batches]
+
+
+def _phases(main_batches: int, rehearsal_batches: int, hyper: AdapterTrainHyperparameters) -> list[Phase]:
+    """The main phase and the rehearsal pass (no steps when it has no rows); steps never straddle the two."""
+    phases, first_batch, first_step = [], 0, 0
+    for batches, peak in ((main_batches, hyper.learning_rate),
+                          (rehearsal_batches, hyper.rehearsal.learning_rate)):
+        steps = math.ceil(batches / hyper.grad_accumulation)
+        phases.append(Phase(first_batch, batches, first_step, steps, int(steps * hyper.warmup_fraction), peak))
+        first_batch, first_step = first_batch + batches, first_step + steps
+    return phases
+
+
 def run_training(spec: TrainSpec, root: Path, progress: Callable[[str], None] = log.info) -> dict[str, Any]:
     """Train (or resume training) the adapter of ``spec`` in the workspace at ``root``; returns the report.
 
@@ -272,9 +304,13 @@ def run_training(spec: TrainSpec, root: Path, progress: Callable[[str], None] = 
         torch.manual_seed(hyper.seed)  # a new LoRA's initial A matrices and the dropout masks draw from this
         model, tokenizer = load_model(spec, root, runtime)
         examples = encode_examples(tokenizer, rows, spec.prompt, hyper.max_length)
-        plan = plan_batches([len(e.input_ids) for e in examples], hyper.batch_size, hyper.epochs, hyper.seed)
-        total_steps = math.ceil(len(plan) / hyper.grad_accumulation)
-        warmup_steps = int(total_steps * hyper.warmup_fraction)
+        # the main epochs over new and replayed rows, then the rehearsal pass over the rows marked for it
+        main = [i for i, row in enumerate(rows) if row.get("selection") != REHEARSE]
+        rehearsed = [i for i, row in enumerate(rows) if row.get("selection") == REHEARSE]
+        main_plan = _plan(examples, main, hyper.batch_size, hyper.epochs, hyper.seed)
+        plan = main_plan + _plan(examples, rehearsed, hyper.batch_size, hyper.rehearsal.epochs, hyper.seed + 1)
+        phases = _phases(len(main_plan), len(plan) - len(main_plan), hyper)
+        total_steps = sum(phase.steps for phase in phases)
         params = [p for _, p in trainable_parameters(model)]
         # production's own distributions on the replayed rows, before any step changes it (a resumed run
         # recomputes them here, before the checkpoint's weights are restored)
@@ -292,8 +328,8 @@ def run_training(spec: TrainSpec, root: Path, progress: Callable[[str], None] = 
         if checkpoint is not None:
             restore_checkpoint(checkpoint, model, optimizer)
             step, losses, plan, wall_before = checkpoint.step, checkpoint.losses, checkpoint.plan, checkpoint.wall_s
-            total_steps = math.ceil(len(plan) / hyper.grad_accumulation)  # the saved plan is the run's plan
-            warmup_steps = int(total_steps * hyper.warmup_fraction)
+            if plan[: len(main_plan)] != main_plan:  # the spec hash matched, so this is a bug, not a user error
+                raise TrainingError(f"{checkpoint.path}: its batch plan is not this run's")
             resumed_from = {"checkpoint": f"{spec.checkpoint_dir}/{checkpoint.path.name}", "step": step}
             progress(f"resuming from {resumed_from['checkpoint']} (step {step}/{total_steps})")
         progress(f"training {len(rows)} rows: {total_steps} steps of {hyper.grad_accumulation} x "
@@ -303,10 +339,13 @@ def run_training(spec: TrainSpec, root: Path, progress: Callable[[str], None] = 
         model.train()
         loop_started = time.perf_counter()
         while step < total_steps:
-            lr = learning_rate(step, total_steps, warmup_steps, hyper.learning_rate, hyper.schedule)
+            phase = next(p for p in phases if step < p.first_step + p.steps)
+            local = step - phase.first_step
+            lr = learning_rate(local, phase.steps, phase.warmup_steps, phase.learning_rate, hyper.schedule)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            micro_batches = plan[step * hyper.grad_accumulation : (step + 1) * hyper.grad_accumulation]
+            first = phase.first_batch + local * hyper.grad_accumulation
+            micro_batches = plan[first : min(first + hyper.grad_accumulation, phase.first_batch + phase.batches)]
             losses.append(optimizer_step(model, optimizer, params, examples, micro_batches, tokenizer.pad_token_id,
                                          runtime, hyper.max_grad_norm, teacher))
             step += 1
@@ -325,7 +364,7 @@ def run_training(spec: TrainSpec, root: Path, progress: Callable[[str], None] = 
         out_dir = spec.path(root, spec.output_dir)
         save_adapter(model, spec, tokenizer, out_dir)
         shape = model.peft_config[ADAPTER_NAME]
-        processed = [i for batch in plan[: total_steps * hyper.grad_accumulation] for i in batch]
+        processed = [i for batch in plan for i in batch]
         selection = Counter(str(row.get("selection", "new")) for row in rows)
         report = {
             "date": spec.date,
@@ -344,7 +383,10 @@ def run_training(spec: TrainSpec, root: Path, progress: Callable[[str], None] = 
             "distilled_rows": len(teacher or {}),
             "teacher_tokens": sum(len(examples[i].input_ids) for i in (teacher or {})),  # one forward pass each
             "schedule": hyper.schedule,
-            "warmup_steps": warmup_steps,
+            "warmup_steps": phases[0].warmup_steps,
+            "rehearsal": {"rows": len(rehearsed), "steps": phases[1].steps, "epochs": hyper.rehearsal.epochs,
+                          "tokens_seen": sum(len(examples[i].input_ids) for b in plan[len(main_plan):] for i in b),
+                          "learning_rate": hyper.rehearsal.learning_rate, "warmup_steps": phases[1].warmup_steps},
             "loss_curve": losses,
             "first_loss": round(losses[0], LOSS_DIGITS) if losses else None,
             "final_loss": round(losses[-1], LOSS_DIGITS) if losses else None,
