@@ -599,7 +599,8 @@ class TrainHyperparameters(_Strict):
 
 class RehearsalSettings(_Strict):
     """The rehearsal pass: after the main epochs, a short pass over the rows the select stage marked
-    ``rehearse`` (rows production already knows), with its own warm-up and decay to 0."""
+    ``rehearse`` (rows production already knows), with a schedule of its own: warm-up over
+    ``warmup_fraction`` of its steps (none below 1/``warmup_fraction`` steps), then decay to 0."""
 
     epochs: int = Field(default=3, ge=1)
     learning_rate: float = Field(default=2e-4, gt=0)

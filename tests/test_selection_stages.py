@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import shutil
 
 import pyarrow.parquet as pq
@@ -144,8 +145,9 @@ def test_replay_from_todays_known_rows_and_similar_trained_rows(selected_world, 
             pool = history.sample_records("trained", ws.config.select.replay_pool_rows,
                                           seed=f"{ws.config.select.seed}:{date}:replay-pool", before=date)
         similar = round(shares["replay_similar"] * len(replayed))
+        turns = random.Random(f"{ws.config.select.seed}:{date}:replay-turns").sample(chosen, len(chosen))
         want = [pool[k]["id"] for k in most_similar([{k: v for k, v in r.items() if k != "selection"}
-                                                      for r in chosen], pool, similar)]
+                                                      for r in turns], pool, similar)]
         # each share rounds on its own (0.5 of 19 is 10 twice): the last similar rows may not fit
         assert set(want[: len(replayed) - len(from_today)]) <= {r["id"] for r in replayed}
 

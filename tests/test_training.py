@@ -461,3 +461,31 @@ def _tokenizer(ws: Workspace) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(ws.root / "models" / "base")
+
+
+def test_the_rest_bucket_still_pulls_a_confident_student_back() -> None:
+    """Production leaves 10% of the mass outside its top k; a student that puts all but 1e-25 of it on the top k
+    must get the full gradient towards the rest (as 1 - sum(top) in float32 the bucket is 0 and the pull is lost):
+    d loss / d z_i = -0.1 * q_i / Q_rest + 0.9 * q_i = -0.1 / 47 per rest logit and position."""
+    import torch
+
+    from ctune_ops.training.loop import Runtime, response_loss_sum
+
+    vocab, top_k = 50, 3
+    logits = torch.full((1, 3, vocab), -60.0)
+    logits[0, :, :top_k] = 0.0  # the student: the top 3 hold all but ~47 * e^-60 / 3 (1e-25) of the mass
+    logits.requires_grad_(True)
+
+    class Fixed(torch.nn.Module):
+        def forward(self, input_ids, attention_mask):  # noqa: ANN001, ANN201, ARG002
+            return type("Out", (), {"logits": logits})()
+
+    labels = torch.tensor([[IGNORE_INDEX, 0, 1]])
+    ids = torch.arange(top_k).repeat(2, 1)
+    probs = torch.full((2, top_k), 0.3)  # production: 0.9 on the top 3, 0.1 elsewhere
+    loss = response_loss_sum(Fixed(), torch.zeros((1, 3), dtype=torch.long), torch.ones((1, 3)), labels,
+                             Runtime("cpu", "float32", None), [(ids, probs)])
+    loss.backward()
+    rest_grad = logits.grad[0, :2, top_k:]
+    assert torch.isfinite(loss) and float(loss) > 2 * 0.1 * 50  # 0.1 * -log(1e-25) per position
+    torch.testing.assert_close(rest_grad, torch.full_like(rest_grad, -0.1 / (vocab - top_k)), rtol=1e-3, atol=0)

@@ -29,12 +29,15 @@ def row_words(record: dict[str, Any]) -> set[str]:
 def most_similar(queries: Sequence[dict[str, Any]], pool: Sequence[dict[str, Any]], count: int) -> list[int]:
     """Indices into ``pool`` of ``count`` distinct rows: the queries' nearest rows by word-set Jaccard.
 
-    The queries take turns (first query, second, ..., then the first again while ``count`` is not reached); each
-    takes its most similar pool row not taken yet, ties to the lower pool index, so the result is reproducible.
+    The queries take turns (first query, second, ..., then the first again while ``count`` is not reached), so
+    with fewer picks than queries only the first ``count`` queries get one: a caller that wants them spread
+    passes the queries in a random order. Each takes its most similar pool row not taken yet, ties to the lower
+    pool index, so the result is reproducible.
     """
     count = min(count, len(pool))
     if not count or not queries:
         return []
+    queries = queries[:count]  # the rest would get no turn
     vocabulary: dict[str, int] = {}
     pool_words = [np.fromiter((vocabulary.setdefault(w, len(vocabulary)) for w in row_words(r)), dtype=np.int64)
                   for r in pool]

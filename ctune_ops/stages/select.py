@@ -63,7 +63,8 @@ def _replay(ws: Workspace, history: History, date: str, count: int, chosen: list
       today's wording. Continuing the adapter on new facts alone erodes the facts it holds (demo world: 15-20
       retention items lost a day, spread over every relation); rows it has already memorised barely resist
       that, a fresh paraphrase of a known fact does, as the unfiltered stream's known rows do for ``all``;
-    * ``replay_similar``: for each selected row in turn, the trained row most similar in words
+    * ``replay_similar``: for each selected row in turn (in a seeded random order, so a share below one
+      replay row per selected row is spread over them), the trained row most similar in words
       (:func:`ctune_ops.selection.replay.most_similar`) among ``replay_pool_rows`` drawn at random;
     * ``replay_least_known``: the rows of the calibration sample (trained rows the proxy scored today, see the
       score stage) with the highest ppl, the trained facts production holds most weakly; the calibration rows
@@ -79,7 +80,8 @@ def _replay(ws: Workspace, history: History, date: str, count: int, chosen: list
     if similar_count:
         pool = history.sample_records(TRAINED, config.replay_pool_rows, seed=f"{config.seed}:{date}:replay-pool",
                                       before=date)
-        taken += [pool[k] for k in most_similar(chosen, pool, similar_count)]
+        turns = random.Random(f"{config.seed}:{date}:replay-turns").sample(chosen, len(chosen))
+        taken += [pool[k] for k in most_similar(turns, pool, similar_count)]
     weakest_count = round(config.replay_least_known * count)
     if weakest_count:
         sample = calibration_sample(history, config, date)
@@ -111,17 +113,16 @@ def _rehearsal(ws: Workspace, history: History, date: str, chosen: list[dict[str
     config = ws.config.select
     if not chosen:
         return []
-    count = round(config.rehearse_known * len(known_today))
+    replayed = {dumps_record(r) for r in replay}  # a row the replay trains already is not drawn again
+    fresh = [r for r in known_today if dumps_record(r) not in replayed]
+    count = min(round(config.rehearse_known * len(known_today)), len(fresh))
     rng = random.Random(f"{config.seed}:{date}:rehearse-known")
-    rows = [known_today[k] for k in sorted(rng.sample(range(len(known_today)), count))]
-    rows += history.sample_records(TRAINED, config.rehearse_trained, seed=f"{config.seed}:{date}:rehearse",
-                                   before=date)
-    seen = {dumps_record(r) for r in replay}
-    unique: dict[str, dict[str, Any]] = {}
-    for record in rows:
-        if dumps_record(record) not in seen:
-            unique.setdefault(dumps_record(record), record)
-    return list(unique.values())
+    rows = [fresh[k] for k in sorted(rng.sample(range(len(fresh)), count))]
+    if config.rehearse_trained:
+        drawn = history.sample_records(TRAINED, config.rehearse_trained + len(replay),
+                                       seed=f"{config.seed}:{date}:rehearse", before=date)
+        rows += [r for r in drawn if dumps_record(r) not in replayed][: config.rehearse_trained]
+    return rows
 
 
 def run(ws: Workspace, date: str) -> StageResult:

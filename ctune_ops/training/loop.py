@@ -61,6 +61,7 @@ CUBLAS_WORKSPACE_ENV = "CUBLAS_WORKSPACE_CONFIG"
 CUBLAS_WORKSPACE_CONFIG = ":4096:8"  # the setting NVIDIA documents for reproducible cuBLAS results
 REPLAY = "replay"  # the ``selection`` of a replayed row in data/selected/D.jsonl (the select stage writes it)
 REHEARSE = "rehearse"  # ... and of a row for the rehearsal pass after the main epochs
+LOG_TINY = -87.0  # ~log of float32's smallest normal number: where a log-probability is clamped
 
 
 @dataclass(frozen=True)
@@ -191,10 +192,13 @@ def response_loss_sum(model: Any, input_ids: Any, attention_mask: Any, labels: A
     )
     for row in distilled:
         ids, probs = teacher[row]
-        log_q = logits[row][labels[row, 1:] != IGNORE_INDEX].float().log_softmax(-1)
-        top = log_q.gather(-1, ids)
+        scores = logits[row][labels[row, 1:] != IGNORE_INDEX].float()
+        log_norm = scores.logsumexp(-1)
+        top = scores.gather(-1, ids) - log_norm[:, None]
         rest_p = (1.0 - probs.sum(-1)).clamp(min=0.0)
-        rest_log_q = torch.log((1.0 - top.exp().sum(-1)).clamp(min=torch.finfo(top.dtype).tiny))
+        # log of the mass outside the top k, from the logits themselves: 1 - sum(exp(top)) cancels to 0 in
+        # float32 once the student is confident, and would cut the gradient that pulls it back
+        rest_log_q = (scores.scatter(-1, ids, float("-inf")).logsumexp(-1) - log_norm).clamp(min=LOG_TINY)
         total = total - (probs * top).sum() - (rest_p * rest_log_q).sum()
     return total
 
@@ -309,6 +313,7 @@ def run_training(spec: TrainSpec, root: Path, progress: Callable[[str], None] = 
         rehearsed = [i for i, row in enumerate(rows) if row.get("selection") == REHEARSE]
         main_plan = _plan(examples, main, hyper.batch_size, hyper.epochs, hyper.seed)
         plan = main_plan + _plan(examples, rehearsed, hyper.batch_size, hyper.rehearsal.epochs, hyper.seed + 1)
+        fresh_plan = plan
         phases = _phases(len(main_plan), len(plan) - len(main_plan), hyper)
         total_steps = sum(phase.steps for phase in phases)
         params = [p for _, p in trainable_parameters(model)]
@@ -328,7 +333,7 @@ def run_training(spec: TrainSpec, root: Path, progress: Callable[[str], None] = 
         if checkpoint is not None:
             restore_checkpoint(checkpoint, model, optimizer)
             step, losses, plan, wall_before = checkpoint.step, checkpoint.losses, checkpoint.plan, checkpoint.wall_s
-            if plan[: len(main_plan)] != main_plan:  # the spec hash matched, so this is a bug, not a user error
+            if plan != fresh_plan:  # the spec hash matched, so this is a bug, not a user error
                 raise TrainingError(f"{checkpoint.path}: its batch plan is not this run's")
             resumed_from = {"checkpoint": f"{spec.checkpoint_dir}/{checkpoint.path.name}", "step": step}
             progress(f"resuming from {resumed_from['checkpoint']} (step {step}/{total_steps})")
