@@ -77,3 +77,20 @@ def test_airflow_loads_plugin_and_provider(tmp_path: Path) -> None:
         [airflow, "providers", "get", "ctune", "-o", "json"], env=env, capture_output=True, text=True, check=True
     )
     assert json.loads(provider.stdout)[0]["Provider"] == "ctune"
+
+
+def test_a_sqlite_home_waits_for_write_locks(tmp_path) -> None:  # noqa: ANN001
+    """The embedded Airflow's processes share one SQLite file: each waits for the others' locks (a CLI command
+    otherwise fails with 'database is locked' after sqlite3's 5 s), through Airflow's own connect-args option."""
+    import importlib
+    import os
+
+    from ctune_ops.airflow.local import LocalAirflow
+    from ctune_ops.airflow.sqlite import BUSY_TIMEOUT_S
+
+    sqlite_env = LocalAirflow(tmp_path / "ws", start_date="2026-01-01").env()
+    module, _, name = sqlite_env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS"].rpartition(".")
+    assert getattr(importlib.import_module(module), name)["timeout"] == BUSY_TIMEOUT_S > 5
+    postgres_env = LocalAirflow(tmp_path / "ws", start_date="2026-01-01", database_url="postgresql+psycopg2://u@127.0.0.1/db").env()
+    assert postgres_env.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS") == \
+        os.environ.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS")  # Postgres: Airflow's defaults

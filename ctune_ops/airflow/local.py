@@ -127,6 +127,8 @@ class LocalAirflow:
             "DVC_NO_ANALYTICS": "1",
             "TQDM_DISABLE": "1",
         }
+        if not self.database_url:  # SQLite: every process waits for the others' write locks (airflow/sqlite.py)
+            env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS"] = "ctune_ops.airflow.sqlite.CONNECT_ARGS"
         if self.end_date:
             env[END_DATE_ENV] = self.end_date
         if self.broker_url:
