@@ -27,7 +27,7 @@ import numpy as np
 
 from ctune_ops.stages import StageError, StageResult
 from ctune_ops.stages.dedup import read_stage_input, require_input, write_report
-from ctune_ops.stages.select import REHEARSE
+from ctune_ops.training.data import NEW, REHEARSE
 from ctune_ops.workspace import Workspace
 
 STAGE = "proxy"
@@ -111,7 +111,7 @@ def run(ws: Workspace, date: str) -> StageResult:
 
     with torch.inference_mode():
         scorer = model.merge_and_unload() if config.method == "lora" else model
-        new_rows = [r for r in training if r.get("selection", "new") == "new"]
+        new_rows = [r for r in training if r.get("selection", NEW) == NEW]
         trained_ppl = np.exp(conditioned_losses(scorer, tokenizer, new_rows, ws)) if new_rows else np.array([])
         trained_ids = {str(r["id"]) for r in new_rows}
         pool = [r for r in unique if str(r["id"]) not in trained_ids]

@@ -30,13 +30,13 @@ from ctune_ops.stages import StageError, StageResult
 from ctune_ops.stages.dedup import REPORT_FILE as DEDUP_REPORT
 from ctune_ops.stages.dedup import open_history, read_stage_input, require_input, write_report
 from ctune_ops.stages.score import calibration_path, calibration_sample, write_parquet
+from ctune_ops.training.data import NEW, REHEARSE, REPLAY
 from ctune_ops.workspace import Workspace
 
 STAGE = "select"
 REPORT_FILE = "selection.json"
 DECISIONS_FILE = "decisions.parquet"
 SCORE_COLUMNS = ("l_cond", "l_out", "ppl", "ifd")
-REHEARSE = "rehearse"  # the ``selection`` of a row for the training's rehearsal pass (train.rehearsal)
 log = logging.getLogger(__name__)
 
 
@@ -172,7 +172,7 @@ def run(ws: Workspace, date: str) -> StageResult:
         replay = _replay(ws, history, date, round(config.replay_ratio * len(chosen)), chosen, known_today,
                          calibration)
         rehearsal = _rehearsal(ws, history, date, chosen, known_today, replay)
-    training = ([{**r, "selection": "new"} for r in chosen] + [{**r, "selection": "replay"} for r in replay]
+    training = ([{**r, "selection": NEW} for r in chosen] + [{**r, "selection": REPLAY} for r in replay]
                 + [{**r, "selection": REHEARSE} for r in rehearsal])
     write_jsonl(ws.selected(date), training)
     write_parquet(ws.reports(date) / DECISIONS_FILE, table)

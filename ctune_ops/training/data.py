@@ -20,6 +20,9 @@ from ctune_ops.config import PromptConfig
 from ctune_ops.records import read_jsonl
 
 IGNORE_INDEX = -100  # the label torch's cross entropy skips: prompt tokens and padding
+# ``selection`` of a row in data/selected/D.jsonl (the select stage writes it; absent = new): a row selected
+# today, a replayed earlier row (both in the main epochs), a row for the rehearsal pass after them
+NEW, REPLAY, REHEARSE = "new", "replay", "rehearse"
 SORT_WINDOW_BATCHES = 16  # rows are sorted by length within windows of this many batches: little padding, still random
 
 

@@ -39,6 +39,9 @@ from ctune_ops.training.checkpoint import (
 )
 from ctune_ops.training.data import (
     IGNORE_INDEX,
+    NEW,
+    REHEARSE,
+    REPLAY,
     Example,
     collate,
     encode_examples,
@@ -59,8 +62,6 @@ PEFT_MODEL_CARD = "README.md"
 LOSS_DIGITS = 6  # first/final loss in the report; the curve keeps full precision
 CUBLAS_WORKSPACE_ENV = "CUBLAS_WORKSPACE_CONFIG"
 CUBLAS_WORKSPACE_CONFIG = ":4096:8"  # the setting NVIDIA documents for reproducible cuBLAS results
-REPLAY = "replay"  # the ``selection`` of a replayed row in data/selected/D.jsonl (the select stage writes it)
-REHEARSE = "rehearse"  # ... and of a row for the rehearsal pass after the main epochs
 LOG_TINY = -87.0  # ~log of float32's smallest normal number: where a log-probability is clamped
 
 
@@ -313,7 +314,6 @@ def run_training(spec: TrainSpec, root: Path, progress: Callable[[str], None] = 
         rehearsed = [i for i, row in enumerate(rows) if row.get("selection") == REHEARSE]
         main_plan = _plan(examples, main, hyper.batch_size, hyper.epochs, hyper.seed)
         plan = main_plan + _plan(examples, rehearsed, hyper.batch_size, hyper.rehearsal.epochs, hyper.seed + 1)
-        fresh_plan = plan
         phases = _phases(len(main_plan), len(plan) - len(main_plan), hyper)
         total_steps = sum(phase.steps for phase in phases)
         params = [p for _, p in trainable_parameters(model)]
@@ -332,9 +332,9 @@ def run_training(spec: TrainSpec, root: Path, progress: Callable[[str], None] = 
         checkpoint = find_checkpoint(checkpoint_dir, fingerprint)
         if checkpoint is not None:
             restore_checkpoint(checkpoint, model, optimizer)
-            step, losses, plan, wall_before = checkpoint.step, checkpoint.losses, checkpoint.plan, checkpoint.wall_s
-            if plan != fresh_plan:  # the spec hash matched, so this is a bug, not a user error
+            if checkpoint.plan != plan:  # the spec hash matched, so this is a bug, not a user error
                 raise TrainingError(f"{checkpoint.path}: its batch plan is not this run's")
+            step, losses, wall_before = checkpoint.step, checkpoint.losses, checkpoint.wall_s
             resumed_from = {"checkpoint": f"{spec.checkpoint_dir}/{checkpoint.path.name}", "step": step}
             progress(f"resuming from {resumed_from['checkpoint']} (step {step}/{total_steps})")
         progress(f"training {len(rows)} rows: {total_steps} steps of {hyper.grad_accumulation} x "
@@ -370,7 +370,7 @@ def run_training(spec: TrainSpec, root: Path, progress: Callable[[str], None] = 
         save_adapter(model, spec, tokenizer, out_dir)
         shape = model.peft_config[ADAPTER_NAME]
         processed = [i for batch in plan for i in batch]
-        selection = Counter(str(row.get("selection", "new")) for row in rows)
+        selection = Counter(str(row.get("selection", NEW)) for row in rows)
         report = {
             "date": spec.date,
             "rows": len(rows),
