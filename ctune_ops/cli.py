@@ -76,8 +76,11 @@ def _cmd_stage(args: argparse.Namespace) -> int:
     from ctune_ops.stages import run_stage
 
     ws = Workspace.open(args.workspace)
-    with ws.lock(purpose=f"ctune stage {args.name} --date {args.date}"):
+    if args.no_lock:  # the caller serialises access (a Kubernetes pod, in the one-slot ctune_workspace pool)
         result = run_stage(ws, args.name, args.date)
+    else:
+        with ws.lock(purpose=f"ctune stage {args.name} --date {args.date}"):
+            result = run_stage(ws, args.name, args.date)
     print(json.dumps(result.summary, indent=1, sort_keys=True))
     for name, path in result.outputs.items():
         print(f"{name}: {path}")
@@ -96,7 +99,8 @@ def _cmd_promote(args: argparse.Namespace) -> int:
     elif outcome.decision == "promote":
         print(f"{args.date}: promoted {outcome.version} (parent {outcome.parent}); CURRENT = {outcome.version}")
     else:
-        print(f"{args.date}: kept {outcome.version}: the gate rejected the candidate (reports/{args.date}/eval.json)")
+        print(f"{args.date}: kept {outcome.version}: the gate rejected the candidate (reports/{args.date}/eval.json, "
+              "repair.json)")
     return 0
 
 
@@ -264,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help=f"one of: {', '.join(STAGE_NAMES)}")
     p.add_argument("--date", required=True, help="batch date, YYYY-MM-DD")
     p.add_argument("--workspace", default=".")
+    p.add_argument("--no-lock", action="store_true",
+                   help="do not take the workspace's file lock (flock is unreliable on network volumes; for a pod "
+                        "whose Airflow pool already keeps other tasks off the workspace)")
     p.set_defaults(func=_cmd_stage)
 
     p = sub.add_parser("promote", help="version the day: promote its candidate or keep production, as the gate said")

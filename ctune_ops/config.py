@@ -674,6 +674,24 @@ class EvaluateConfig(_Strict):
     batch_size: int = Field(default=32, ge=1)
 
 
+class RepairConfig(_Strict):
+    """The ``repair`` stage (DESIGN §3.7): when the gate kept production because a task fell a little (the
+    candidate learned the day's facts but forgot others), one rehearsal pass (``train.rehearsal``: epochs
+    and peak learning rate) continues the candidate on rows production already knows, then the gate judges the
+    repaired candidate again. The rows: ``known_share`` of today's rows the policy judged known, and
+    ``trained_rows`` rows trained before the day, both drawn at random. It costs training only on the days the
+    gate fails, and the repaired candidate faces the same gate. A candidate more than ``max_shortfall`` below a
+    task's floor is not repaired: a fall that deep is a poisoned batch, a broken run or a day not learned, which
+    the gate is there to keep out, not the drift a rehearsal mends.
+    """
+
+    enabled: bool = True
+    known_share: float = Field(default=1.0, ge=0.0, le=1.0, description="share of today's rows judged known")
+    trained_rows: int = Field(default=40, ge=0, description="rows trained before the day, at random")
+    max_shortfall: float = Field(default=0.10, ge=0.0, le=1.0, description="largest fall below a task's floor "
+                                 "that is still repaired")
+
+
 with warnings.catch_warnings():
     # The section is named like its stage; the only thing it shadows is pydantic v1's deprecated
     # ``BaseModel.validate`` classmethod, which ctune never calls.
@@ -694,6 +712,7 @@ with warnings.catch_warnings():
         train: TrainConfig = TrainConfig()
         proxy: ProxyConfig = ProxyConfig()
         evaluate: EvaluateConfig = EvaluateConfig()
+        repair: RepairConfig = RepairConfig()
 
 
 def _key_line(root: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:

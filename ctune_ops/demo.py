@@ -48,6 +48,10 @@ def _day_summary(ws: Workspace, date: str) -> None:
     if evaluation:
         checks = ", ".join(f"{c['task']} {c['production']:.3f} -> {c['candidate']:.3f}" for c in evaluation["checks"])
         print(f"    gate: {checks}: {evaluation['decision']}")
+    repair = ws.report(date, "repair.json")
+    if repair.get("attempted"):
+        checks = ", ".join(f"{c['task']} {c['production']:.3f} -> {c['candidate']:.3f}" for c in repair["checks"])
+        print(f"    repair: rehearsed {repair['rehearsed']['rows']} known rows; gate: {checks}: {repair['decision']}")
     outcome = Registry.load(ws).day_outcome(date)
     if outcome is None:
         print("    not versioned (promote did not run)")

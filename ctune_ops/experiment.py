@@ -8,7 +8,7 @@ the same bootstrapped workspace with the same seeds and hyperparameters:
 * ``ctune``  -- the full pipeline, the proxy updated in step with the deployed model;
 * ``random`` -- as many random rows per day as ``ctune`` selected that day.
 
-Every arm runs the same gate and promotion, as a deployment would. Per arm and day it records training tokens,
+Every arm runs the same gate, repair and promotion, as a deployment would. Per arm and day it records training tokens,
 the wall time of scoring and of training, the production model's ``ctune_retention`` and ``ctune_target``
 accuracy after the day (lm-eval, from the gate's report), and, from the world's truth, precision and recall of
 dropping redundant rows and of keeping new facts. Compute is estimated in FLOPs from parameter counts and tokens
@@ -36,7 +36,7 @@ ARMS: dict[str, dict[str, Any]] = {
     "random": {"select": {"strategy": "random", "random_rows": 0}},  # random_rows: ctune's count, per day
 }
 ARM_ORDER = ("ctune", "all", "static", "random")  # ctune first: random draws as many rows as ctune selected
-STAGES = ("validate", "dedup", "score", "select", "train", "proxy", "evaluate")
+STAGES = ("validate", "dedup", "score", "select", "train", "proxy", "evaluate", "repair")
 # FLOPs per token: a forward pass costs 2N; training 6N (forward, backward through activations and weights).
 # LoRA training of the deployed model freezes the base, whose weight gradients are never formed: 4N.
 FORWARD_FLOPS, FULL_TRAIN_FLOPS, LORA_TRAIN_FLOPS = 2, 6, 4
@@ -115,6 +115,8 @@ def run_day(ws: Workspace, arm: str, date: str) -> dict[str, Any]:
     """One day of one arm through every stage and promote; what it cost and what it did."""
     from ctune_ops.registry import promote
     from ctune_ops.stages import run_stage
+    from ctune_ops.stages.repair import deciding_report
+    from ctune_ops.training.spec import REPAIR_REPORT
     from ctune_ops.world.selection_truth import selection_quality
 
     walls: dict[str, float] = {}
@@ -123,8 +125,9 @@ def run_day(ws: Workspace, arm: str, date: str) -> dict[str, Any]:
         run_stage(ws, stage, date)
         walls[stage] = round(time.perf_counter() - started, 2)
     outcome = promote(ws, date)
-    train, proxy, evaluation, selection = (ws.report(date, n) for n in ("train.json", "proxy.json", "eval.json",
-                                                                          "selection.json"))
+    train, proxy, selection, repair = (ws.report(date, n) for n in ("train.json", "proxy.json", "selection.json",
+                                                                      REPAIR_REPORT))
+    evaluation = deciding_report(ws, date)
     side = "candidate" if outcome.decision == "promote" else "production"
     metric = evaluation["rule"]["metric"]
     scores = {task: s.get(metric) for task, s in evaluation[side]["scores"].items()}
@@ -133,10 +136,12 @@ def run_day(ws: Workspace, arm: str, date: str) -> dict[str, Any]:
         "arm": arm, "date": date, "decision": outcome.decision, "version": outcome.version,
         "selected": selection["funnel"]["selected"], "training_rows": selection["funnel"]["training_rows"],
         "unique": selection["funnel"]["unique"],
-        "tokens": {"train": train.get("tokens_seen", 0), "score": _scoring_tokens(ws, date),
+        "repaired": bool(repair),
+        "tokens": {"train": train.get("tokens_seen", 0) + repair.get("tokens_seen", 0),
+                   "score": _scoring_tokens(ws, date),
                    "proxy_update": _proxy_tokens(train, proxy), "teacher": train.get("teacher_tokens", 0)},
         "wall_s": {"score": walls["score"], "train": walls["train"], "proxy": walls["proxy"],
-                   "evaluate": walls["evaluate"]},
+                   "evaluate": walls["evaluate"], "repair": walls["repair"]},
         "production": scores,
         "quality": {key: quality[key] for key in (
             "redundant_drop_precision", "redundant_drop_recall", "known_dropped", "earlier_dropped",

@@ -41,7 +41,6 @@ DEPLOYED = "models/deployed"  # the production adapter
 PROXY = "models/proxy"  # the proxy in step with it
 STATE = "state"  # history.sqlite (decisions, trained-by versions) and the eval score cache
 VERSIONED = (DEPLOYED, PROXY, STATE)
-CANDIDATE_PARTS = {DEPLOYED: "adapter", PROXY: "proxy"}  # models/candidates/D/<part> -> production path
 PROMOTE, KEEP, ROLLBACK = "promote", "keep", "rollback"
 PROMOTE_STEPS = ("install", "history", "dvc", "push", "registry", "git")
 ROLLBACK_STEPS = ("restore", "registry", "git")
@@ -197,8 +196,26 @@ def _read_report(ws: Workspace, date: str, name: str) -> dict[str, Any]:
     return report
 
 
+def _deciding_report(ws: Workspace, date: str) -> dict[str, Any]:
+    """The gate report that decides the day: the repaired candidate's when the repair stage ran, else eval.json."""
+    from ctune_ops.stages import StageError
+    from ctune_ops.stages.repair import deciding_report
+
+    _read_report(ws, date, "eval.json")
+    try:
+        return deciding_report(ws, date)
+    except StageError as exc:
+        raise WorkspaceError(str(exc)) from None
+
+
+def _candidate_sources(ws: Workspace, date: str, evaluation: dict[str, Any]) -> dict[str, Path]:
+    """Production path -> the candidate folder installed over it: the adapter the gate judged (the day's, or
+    the repaired one), the day's proxy."""
+    return {DEPLOYED: ws.root / evaluation["candidate"]["adapter"], PROXY: ws.candidates(date) / "proxy"}
+
+
 def _plan_promote(ws: Workspace, date: str, registry: Registry) -> dict[str, Any]:
-    evaluation = _read_report(ws, date, "eval.json")
+    evaluation = _deciding_report(ws, date)
     current = ws.current_version
     evaluated_against = evaluation["production"]["version"]
     if evaluated_against != current:
@@ -211,26 +228,24 @@ def _plan_promote(ws: Workspace, date: str, registry: Registry) -> dict[str, Any
         "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "done": None,
     }
     if decision == PROMOTE:
-        candidates = {}
-        for target, part in CANDIDATE_PARTS.items():
+        candidates, sources = {}, {}
+        for target, source in _candidate_sources(ws, date, evaluation).items():
             if target == PROXY and not ws.config.proxy.update:
                 continue  # static selection: the promoted proxy stays
-            source = ws.candidates(date) / part
             if not source.is_dir():
                 raise WorkspaceError(f"{ws.shown(source)} does not exist: run the "
-                                     f"{'train' if part == 'adapter' else 'proxy'} stage for {date} first")
-            candidates[target] = tree_manifest(source)
-        journal["candidates"] = candidates
+                                     f"{'train' if target == DEPLOYED else 'proxy'} stage for {date} first")
+            candidates[target], sources[target] = tree_manifest(source), ws.shown(source)
+        journal["candidates"], journal["sources"] = candidates, sources
     return journal
 
 
 def _install(ws: Workspace, journal: dict[str, Any]) -> None:
     """Copy the day's candidates over production (each folder replaced whole), unless already there."""
     for target, wanted in journal["candidates"].items():
-        part = CANDIDATE_PARTS[target]
         if tree_manifest(ws.root / target) == wanted:
             continue
-        source = ws.candidates(journal["date"]) / part
+        source = ws.root / journal["sources"][target]
         if tree_manifest(source) != wanted:
             raise WorkspaceError(f"{ws.shown(source)} changed since promote began; rerun train, proxy and evaluate "
                                  f"for {journal['date']}, then delete {JOURNAL_FILE} and promote again")
@@ -263,9 +278,12 @@ def _record_dvc(ws: Workspace, journal: dict[str, Any]) -> None:
     ws.dvc_add([t for t in VERSIONED if (ws.root / t).exists()])
 
 
-def _skips_outputs(ws: Workspace) -> bool:
-    """Whether a stage legitimately writes no output: ``proxy.update: false`` makes no candidate proxy."""
-    return not ws.config.proxy.update
+def _skips_outputs(ws: Workspace, date: str) -> bool:
+    """Whether a stage legitimately wrote no output: ``proxy.update: false`` makes no candidate proxy, and a day
+    run without the repair stage (a caller from before it, or one that leaves it out) has no repair folder."""
+    from ctune_ops.training.spec import repair_folder
+
+    return not ws.config.proxy.update or not repair_folder(ws, date).is_dir()
 
 
 def record_stage(ws: Workspace, date: str, stage: str | None = None) -> None:
@@ -274,7 +292,7 @@ def record_stage(ws: Workspace, date: str, stage: str | None = None) -> None:
     changed."""
     ws.set_batch_date(date)
     ws.run_dvc(f"commit {stage or 'of every stage'} (recording {date} in dvc.lock)",
-               lambda repo: repo.commit(stage, force=True, allow_missing=_skips_outputs(ws)))
+               lambda repo: repo.commit(stage, force=True, allow_missing=_skips_outputs(ws, date)))
 
 
 def _push(ws: Workspace) -> None:
@@ -293,7 +311,8 @@ def _dvc_md5(ws: Workspace, target: str) -> str | None:
 
 def _day_entry(ws: Workspace, journal: dict[str, Any]) -> dict[str, Any]:
     date = journal["date"]
-    evaluation = _read_report(ws, date, "eval.json")
+    evaluation = _deciding_report(ws, date)
+    repair = ws.report(date, "repair.json")
     selection = _read_report(ws, date, "selection.json")
     entry: dict[str, Any] = {
         "kind": journal["decision"], "date": date, "version": journal["version"], "parent": journal["parent"],
@@ -304,6 +323,8 @@ def _day_entry(ws: Workspace, journal: dict[str, Any]) -> dict[str, Any]:
                                for task, scores in evaluation["production"]["scores"].items()},
         "gate": {"decision": evaluation["decision"], "rule": evaluation["rule"]["text"],
                  "failed": [c["task"] for c in evaluation["checks"] if not c["passed"]]},
+        "repair": repair and {"attempted": repair["attempted"], "reason": repair["reason"],
+                              "first": repair["first"], "rows": (repair.get("rehearsed") or {}).get("rows", 0)},
         "funnel": selection["funnel"],
         "tokens": {"selected": selection["selected_tokens"], "unique": selection["unique_tokens"]},
         "data": {ws.shown(p): file_sha256(p) for p in day_files(ws, date) if p.exists()},

@@ -123,6 +123,46 @@ def test_promote_twice_changes_nothing(story) -> None:  # noqa: ANN001
     assert ws.git("rev-parse", "HEAD").stdout == head
 
 
+def test_a_repaired_candidate_is_what_promote_installs(evaluated, tmp_path) -> None:  # noqa: ANN001
+    """The gate kept day 1 for a shallow fall of retention (eval.json as the gate writes it when the candidate is
+    0.02 below the floor); the repair stage rehearses known rows, judges the repaired adapter again (with this
+    workspace's open gate: promote), and promote installs that adapter, not the day's first candidate."""
+    ws = _copy(evaluated, tmp_path / "ws")
+    path = ws.reports(DAY1) / "eval.json"
+    report = json.loads(path.read_text())
+    retention = next(c for c in report["checks"] if c["task"] == "ctune_retention")
+    retention.update(floor=round(retention["candidate"] + 0.02, 4), passed=False)
+    path.write_text(json.dumps({**report, "decision": "keep"}))
+
+    result = run_stage(ws, "repair", DAY1)
+    repair = json.loads((ws.reports(DAY1) / "repair.json").read_text())
+    assert result.summary["attempted"] and repair["attempted"] and repair["reason"] is None
+    assert repair["first"] == {"decision": "keep", "adapter": f"models/candidates/{DAY1}/adapter",
+                               "failed": ["ctune_retention"]}
+    folder = ws.candidates(DAY1) / "repair"
+    rows = [json.loads(line) for line in (folder / "rows.jsonl").read_text().splitlines()]
+    known = {row_id for row_id, (d, _) in _decisions(ws, DAY1).items() if d == "known"}
+    rehearsed = repair["rehearsed"]
+    assert {r["selection"] for r in rows} == {"rehearse"} and len(rows) == rehearsed["rows"]
+    assert rehearsed["known_today"] == len(known) and rehearsed["trained_before"] == 40
+    assert {str(r["id"]) for r in rows[: len(known)]} == known
+    trained = json.loads((ws.reports(DAY1) / "repair_train.json").read_text())
+    assert trained["rows_by_selection"] == {"rehearse": len(rows)} and trained["rehearsal"]["rows"] == len(rows)
+    assert trained["continued_from"]["adapter"] == f"models/candidates/{DAY1}/adapter"
+    repaired = tree_manifest(folder / "adapter")
+    assert repaired and repaired != tree_manifest(ws.candidates(DAY1) / "adapter")
+    assert repair["candidate"]["adapter"] == f"models/candidates/{DAY1}/repair/adapter"
+    assert repair["decision"] == "promote" and repair["production"]["scores"] == report["production"]["scores"]
+
+    outcome = promote(ws, DAY1)
+    assert (outcome.decision, outcome.version) == ("promote", "v1")
+    assert tree_manifest(ws.root / DEPLOYED) == repaired
+    entry = Registry.load(ws).version("v1")
+    assert entry["repair"]["attempted"] and entry["repair"]["rows"] == len(rows)
+    assert entry["metrics"] == {task: scores["acc"] for task, scores in repair["candidate"]["scores"].items()}
+    assert ws.git("status", "--porcelain", "--untracked-files=no").stdout == ""
+
+
 _KILLER = textwrap.dedent("""
     import os, signal, sys
     from ctune_ops.registry import promote
@@ -258,6 +298,9 @@ def test_poisoned_day_is_rejected_and_production_is_untouched(story) -> None:  #
     report = json.loads((ws.reports(DAY3) / "eval.json").read_text())
     assert report["decision"] == "keep" and "ctune_retention" in [c["task"] for c in report["checks"]
                                                                  if not c["passed"]], report["checks"]
+    run_stage(ws, "repair", DAY3)  # neither refusing to repair nor a rehearsal may let the poison in
+    repair = json.loads((ws.reports(DAY3) / "repair.json").read_text())
+    assert repair["decision"] == "keep", repair
     outcome = promote(ws, DAY3)
     assert (outcome.decision, outcome.version) == ("keep", "v1")
     assert _production(ws) == before and (ws.root / "CURRENT").read_text().strip() == "v1"

@@ -89,6 +89,25 @@ def test_defaults_and_the_backend_switch() -> None:
     assert "nvidia.com/gpu" not in container.resources.limits
 
 
+def test_the_repair_runs_in_the_same_kind_of_pod(tmp_path) -> None:  # noqa: ANN001
+    from ctune_ops.airflow.dags import daily_dag
+    from ctune_ops.airflow.kubernetes import BATCH_DATE_TEMPLATE, repair_pod_operator
+
+    pod = repair_pod_operator(config=_config(POD_PARAMS)).build_pod_request_obj(dry_run=True)
+    (container,) = pod.spec.containers
+    assert pod.metadata.name.startswith("ctune-repair") and pod.metadata.labels["app.kubernetes.io/component"] == \
+        "repair"
+    assert container.command == ["ctune", "stage", "repair"]
+    assert container.args == ["--workspace", "/mnt/ws", "--date", BATCH_DATE_TEMPLATE, "--no-lock"]
+    assert container.resources.limits["nvidia.com/gpu"] == "2"
+    assert {e.name: e.value for e in container.env}["CTUNE_IN_POD"] == "1"
+
+    (tmp_path / "params.yaml").write_text(POD_PARAMS)
+    tasks = {t.task_id: type(t).__name__ for t in daily_dag(workspace=str(tmp_path)).tasks}
+    assert tasks["train"] == tasks["repair"] == "KubernetesPodOperator"
+    assert {tasks[t] for t in ("evaluate", "promote")} == {"CtuneStageOperator"}
+
+
 @pytest.mark.parametrize(("text", "expected"), [
     ("train:\n  kubernetes:\n    requests: {cpu: lots}\n", "p.yaml:3: key 'train.kubernetes.requests'"),
     ("train:\n  kubernetes:\n    limits: {nvidia.com/gpu: '1'}\n", "set train.kubernetes.gpus instead"),

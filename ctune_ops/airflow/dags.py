@@ -3,7 +3,7 @@
 * ``ctune_daily``: ``@daily`` with catchup (a backfill is a range of days), one run at a time, each task depending
   on its previous run (continual learning is sequential), every task in the one-slot ``ctune_workspace`` pool,
   retries (the stages are idempotent). Tasks: validate -> dedup -> score -> select -> train -> update_proxy ->
-  evaluate -> promote. The batch date is the ``date`` param when given, else the run's data interval start.
+  evaluate -> repair -> promote. The batch date is the ``date`` param when given, else the run's data interval start.
 * ``ctune_incoming``: the same tasks, triggered by an event on the ``incoming/`` Asset; the event's ``extra`` (or
   the ``date`` param) names the day.
 * ``ctune_rollback``: manual, Param ``version``.
@@ -36,8 +36,9 @@ RETRY_DELAY = dt.timedelta(seconds=30)
 # task id -> stage (DESIGN §4 names the proxy task update_proxy)
 DAILY_TASKS = (
     ("validate", "validate"), ("dedup", "dedup"), ("score", "score"), ("select", "select"), ("train", "train"),
-    ("update_proxy", "proxy"), ("evaluate", "evaluate"), ("promote", "promote"),
+    ("update_proxy", "proxy"), ("evaluate", "evaluate"), ("repair", "repair"), ("promote", "promote"),
 )
+POD_TASKS = {"train": "training_pod_operator", "repair": "repair_pod_operator"}  # train.backend: kubernetes
 DATE_PARAM = Param(None, type=["null", "string"], pattern=r"^\d{4}-\d{2}-\d{2}$",
                    description="Batch date YYYY-MM-DD; empty = the run's data interval start (scheduled and "
                                "backfill runs)")
@@ -101,12 +102,12 @@ def _default_args() -> dict[str, Any]:
 def _daily_tasks(workspace: str) -> list[Any]:
     tasks = []
     for task_id, stage in DAILY_TASKS:
-        if stage == "train" and _train_backend(workspace) == "kubernetes":
-            from ctune_ops.airflow.kubernetes import training_pod_operator
+        if stage in POD_TASKS and _train_backend(workspace) == "kubernetes":
+            from ctune_ops.airflow import kubernetes
             from ctune_ops.config import load_config
 
             config = load_config(os.path.join(workspace, "params.yaml"))
-            tasks.append(training_pod_operator(config=config, task_id=task_id))
+            tasks.append(getattr(kubernetes, POD_TASKS[stage])(config=config, task_id=task_id))
         else:
             tasks.append(CtuneStageOperator(task_id=task_id, stage=stage, workspace=workspace_template(workspace)))
     chain(*tasks)
@@ -114,7 +115,7 @@ def _daily_tasks(workspace: str) -> list[Any]:
 
 
 def _pipeline_dag(dag_id: str, workspace: str | None, schedule: Any, **scheduling: Any) -> DAG:
-    """A DAG of the eight daily tasks; ``schedule`` and ``scheduling`` (catchup, end date, ...) say when it runs."""
+    """A DAG of the nine daily tasks; ``schedule`` and ``scheduling`` (catchup, end date, ...) say when it runs."""
     workspace = workspace or workspace_path()
     default_args = {**_default_args(), **scheduling.pop("default_args", {})}
     with DAG(dag_id, schedule=schedule, start_date=start_date(), max_active_runs=1, default_args=default_args,

@@ -7,7 +7,9 @@ stage runs as a subprocess::
     python -m ctune_ops.training --workspace /workspace --date {{ batch date }}
 
 which writes ``models/candidates/D/train_spec.json`` from the workspace's ``params.yaml`` and trains, so no other
-task has to prepare the pod's input and a retried pod resumes from the checkpoints on the volume. The pod does
+task has to prepare the pod's input and a retried pod resumes from the checkpoints on the volume. The repair
+task (a rehearsal pass when the gate kept production for forgetting, then the gate again) runs
+``ctune stage repair --date D --no-lock`` in the same kind of pod. The pod does
 not take the workspace file lock (flock is unreliable on network volumes): put the task in the ``ctune_workspace``
 pool, like every other workspace task, so nothing else touches the workspace while it trains.
 
@@ -35,6 +37,9 @@ SHM_PATH = "/dev/shm"
 # No network at training time: models and data are on the volume; a hub look-up would only hang.
 POD_ENV = {"PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 POD_LABELS = {"app.kubernetes.io/name": "ctune", "app.kubernetes.io/component": "train"}
+REPAIR_COMMAND = ["ctune", "stage", "repair"]
+REPAIR_POD_NAME = "ctune-repair"
+REPAIR_POD_LABELS = {**POD_LABELS, "app.kubernetes.io/component": "repair"}
 
 
 def _train_config(config: CtuneConfig | TrainConfig) -> TrainConfig:
@@ -53,6 +58,33 @@ def training_pod_operator(
     ``kwargs`` go to the operator as they are (``pool``, ``retries``, ``deferrable``, ``in_cluster``, ...) and
     override what the config sets.
     """
+    mount = _train_config(config).kubernetes.workspace_mount_path
+    return _pod_operator(config, task_id, POD_NAME, TRAINING_COMMAND, ["--workspace", mount, "--date", date],
+                         {}, POD_LABELS, kwargs)
+
+
+def repair_pod_operator(
+    *,
+    config: CtuneConfig | TrainConfig,
+    task_id: str = "repair",
+    date: str = BATCH_DATE_TEMPLATE,
+    **kwargs: Any,
+) -> KubernetesPodOperator:
+    """The repair stage (``ctune stage repair``) in the same kind of GPU pod: it may train (a rehearsal pass of
+    the day's candidate) and evaluate the result, so it needs the GPU the train task had. On a day the gate
+    passed it only writes its report, in seconds once the pod runs."""
+    from ctune_ops.stages import IN_POD_ENV
+
+    mount = _train_config(config).kubernetes.workspace_mount_path
+    return _pod_operator(config, task_id, REPAIR_POD_NAME, REPAIR_COMMAND,
+                         ["--workspace", mount, "--date", date, "--no-lock"], {IN_POD_ENV: "1"},
+                         REPAIR_POD_LABELS, kwargs)
+
+
+def _pod_operator(config: CtuneConfig | TrainConfig, task_id: str, name: str, cmds: list[str],
+                  arguments: list[str], env: dict[str, str], labels: dict[str, str],
+                  kwargs: dict[str, Any]) -> KubernetesPodOperator:
+    """A KubernetesPodOperator running ``cmds arguments`` in the ctune image on the workspace's volume."""
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
     from kubernetes.client import models as k8s
 
@@ -73,15 +105,15 @@ def training_pod_operator(
                    for t in pod.tolerations]
     options: dict[str, Any] = {
         "task_id": task_id,
-        "name": POD_NAME,
+        "name": name,
         "namespace": pod.namespace,
         "kubernetes_conn_id": pod.kubernetes_conn_id,
         "image": pod.image,
         "image_pull_policy": pod.image_pull_policy,
-        "cmds": list(TRAINING_COMMAND),
-        "arguments": ["--workspace", pod.workspace_mount_path, "--date", date],
-        "env_vars": dict(POD_ENV),
-        "labels": dict(POD_LABELS),
+        "cmds": list(cmds),
+        "arguments": list(arguments),
+        "env_vars": {**POD_ENV, **env},
+        "labels": dict(labels),
         "container_resources": k8s.V1ResourceRequirements(requests=dict(pod.requests) or None,
                                                           limits=limits or None),
         "volumes": volumes,

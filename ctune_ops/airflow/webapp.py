@@ -25,7 +25,8 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 
 ROLLBACK_DAG = "ctune_rollback"
 CHART_WIDTH, CHART_HEIGHT, CHART_PAD = 640, 160, 28
-REPORT_NAMES = ("validation.json", "dedup.json", "selection.json", "train.json", "proxy.json", "eval.json")
+REPORT_NAMES = ("validation.json", "dedup.json", "selection.json", "train.json", "proxy.json", "eval.json",
+                "repair.json")
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:1.5rem;color:#1a202c}h1{font-size:1.4rem}h2{font-size:1.1rem;
 margin-top:1.6rem}table{border-collapse:collapse;font-size:.85rem}td,th{border:1px solid #cbd5e0;padding:.25rem .5rem;
@@ -51,6 +52,18 @@ def _workspace() -> Any:
         raise HTTPException(status_code=503, detail=str(exc)) from None
 
 
+def _deciding_report(ws: Any, day: str) -> dict[str, Any]:
+    """The gate report that decided the day (the repaired candidate's when the repair stage ran); a repair
+    report left stale by a rerun of evaluate shows the first gate's, as promote would refuse it."""
+    from ctune_ops.stages import StageError
+    from ctune_ops.stages.repair import deciding_report
+
+    try:
+        return deciding_report(ws, day)
+    except StageError:
+        return ws.report(day, "eval.json")
+
+
 def _days(ws: Any) -> list[dict[str, Any]]:
     """Per day: funnel, tokens, the gate's scores and the outcome, from the day's reports and the registry."""
     from ctune_ops.registry import Registry
@@ -63,7 +76,7 @@ def _days(ws: Any) -> list[dict[str, Any]]:
         selection = ws.report(day, "selection.json")
         if not selection:
             continue
-        validation, evaluation = ws.report(day, "validation.json"), ws.report(day, "eval.json")
+        validation, evaluation = ws.report(day, "validation.json"), _deciding_report(ws, day)
         outcome = registry.day_outcome(day)
         days.append({
             "date": day,
@@ -75,6 +88,7 @@ def _days(ws: Any) -> list[dict[str, Any]]:
             "scores": {c["task"]: c["candidate"] for c in evaluation.get("checks", [])},
             "production_scores": {c["task"]: c["production"] for c in evaluation.get("checks", [])},
             "decision": evaluation.get("decision"),
+            "repaired": bool(ws.report(day, "repair.json").get("attempted")),
             "outcome": None if outcome is None else f"{outcome['kind']} {outcome['version']}",
         })
     return days
@@ -138,7 +152,8 @@ def _page(ws: Any, message: str = "") -> str:
     funnel = "".join(
         f'<tr><td class="l"><a href="days/{d["date"]}">{d["date"]}</a></td>'
         + "".join(f"<td>{'-' if d.get(c) is None else d[c]}</td>" for c in funnel_cols)
-        + f'<td class="l">{d["decision"] or "-"}</td><td class="l">{d["outcome"] or "-"}</td></tr>' for d in days)
+        + f'<td class="l">{d["decision"] or "-"}{" (repaired)" if d["repaired"] else ""}</td>'
+        + f'<td class="l">{d["outcome"] or "-"}</td></tr>' for d in days)
     score_tasks = sorted({t for d in days for t in d["scores"]})
     trend = _svg_chart({f"{t} (candidate)": [(d["date"], d["scores"][t]) for d in days if t in d["scores"]]
                         for t in score_tasks}, "gate metric per day (candidate)")

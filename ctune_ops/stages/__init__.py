@@ -27,8 +27,10 @@ _STAGES = {
     "train": "ctune_ops.stages.train:run",
     "proxy": "ctune_ops.stages.proxy:run",
     "evaluate": "ctune_ops.stages.evaluate:run",
+    "repair": "ctune_ops.stages.repair:run",
     "promote": "ctune_ops.stages.promote:run",
 }
+IN_POD_ENV = "CTUNE_IN_POD"  # set in the Kubernetes pods that run a stage (ctune_ops/airflow/kubernetes.py)
 DVC_STAGE_NAMES = tuple(name for name in _STAGES if name != "promote")
 STAGE_NAMES = tuple(_STAGES)
 

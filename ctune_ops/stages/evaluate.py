@@ -100,9 +100,11 @@ def gate(production: dict[str, dict[str, float]], candidate: dict[str, dict[str,
     return (PROMOTE if all(c["passed"] for c in checks) else KEEP), checks
 
 
-def run(ws: Workspace, date: str) -> StageResult:
+def judge(ws: Workspace, date: str, adapter: Path) -> dict[str, Any]:
+    """The gate's report on the candidate ``adapter`` for ``date``: both score sets, the rule, one check per task
+    and the decision. Production's scores come from the cache when it has them (the repair stage judges a
+    second candidate of the day against the same production)."""
     config = ws.config.evaluate
-    adapter = require_input(ws.candidates(date) / "adapter", ws, "train")
     files = task_files(ws, date)
     keys = {path: task_digest(path) for path in files}
     unknown = set(config.target_tasks) - {name for name, _ in keys.values()}
@@ -135,7 +137,7 @@ def run(ws: Workspace, date: str) -> StageResult:
         raise StageError(f"params.yaml: key 'evaluate.metric': the tasks {lacking} do not report "
                          f"{config.metric!r} (their YAML's metric_list)")
     decision, checks = gate(production, candidate, config)
-    report = {
+    return {
         "date": date,
         "decision": decision,
         "rule": {"metric": config.metric, "tolerance": config.tolerance, "min_gain": config.min_gain,
@@ -149,9 +151,19 @@ def run(ws: Workspace, date: str) -> StageResult:
         "tasks": {keys[path][0]: ws.shown(path) for path in files},
         "device": device,
     }
+
+
+def describe(report: dict[str, Any]) -> str:
+    """One line of a gate report's checks, for logs."""
+    return ", ".join(f"{c['task']} {c['production']} -> {c['candidate']}" for c in report["checks"])
+
+
+def run(ws: Workspace, date: str) -> StageResult:
+    adapter = require_input(ws.candidates(date) / "adapter", ws, "train")
+    report = judge(ws, date, adapter)
     write_report(ws.reports(date) / REPORT_FILE, report)
-    log.info("evaluate %s: %s (%s)", date, decision,
-             ", ".join(f"{c['task']} {c['production']} -> {c['candidate']}" for c in checks))
+    decision, checks = report["decision"], report["checks"]
+    log.info("evaluate %s: %s (%s)", date, decision, describe(report))
     summary = {"decision": decision, **{c["task"]: c["candidate"] for c in checks},
                "failed": [c["task"] for c in checks if not c["passed"]]}
     return StageResult(STAGE, date, summary, {"report": f"reports/{date}/{REPORT_FILE}"})

@@ -54,7 +54,7 @@ def _summary(values: np.ndarray) -> dict[str, float] | None:
     return {"p10": round(float(q[0]), 4), "p50": round(float(q[1]), 4), "p90": round(float(q[2]), 4)}
 
 
-def _draw(rows: list[dict[str, Any]], count: int, seed: str) -> list[dict[str, Any]]:
+def draw(rows: list[dict[str, Any]], count: int, seed: str) -> list[dict[str, Any]]:
     """Up to ``count`` of ``rows`` at random (reproducibly from ``seed``), in their order."""
     chosen = random.Random(seed).sample(range(len(rows)), min(count, len(rows)))
     return [rows[k] for k in sorted(chosen)]
@@ -77,7 +77,7 @@ def _replay(ws: Workspace, history: History, date: str, count: int, chosen: list
     """
     config = ws.config.select
     taken: list[dict[str, Any]] = []
-    taken += _draw(known_today, round(config.replay_known_today * count), f"{config.seed}:{date}:replay-known")
+    taken += draw(known_today, round(config.replay_known_today * count), f"{config.seed}:{date}:replay-known")
     similar_count = round(config.replay_similar * count)
     if similar_count:
         pool = history.sample_records(TRAINED, config.replay_pool_rows, seed=f"{config.seed}:{date}:replay-pool",
@@ -117,7 +117,7 @@ def _rehearsal(ws: Workspace, history: History, date: str, chosen: list[dict[str
         return []
     replayed = {dumps_record(r) for r in replay}  # a row the replay trains already is not drawn again
     fresh = [r for r in known_today if dumps_record(r) not in replayed]
-    rows = _draw(fresh, round(config.rehearse_known * len(known_today)), f"{config.seed}:{date}:rehearse-known")
+    rows = draw(fresh, round(config.rehearse_known * len(known_today)), f"{config.seed}:{date}:rehearse-known")
     if config.rehearse_trained:
         drawn = history.sample_records(TRAINED, config.rehearse_trained + len(replay),
                                        seed=f"{config.seed}:{date}:rehearse", before=date)

@@ -27,6 +27,10 @@ ADAPTER_DIR = "adapter"
 CHECKPOINT_DIR = "checkpoints"
 REPORT_FILE = "train.json"
 LOG_FILE = "train.log"
+REPAIR_DIR = "repair"  # models/candidates/D/repair: the repair stage's run (ctune_ops/stages/repair.py)
+REPAIR_ROWS = "rows.jsonl"
+REPAIR_REPORT = "repair_train.json"
+REPAIR_LOG = "repair_train.log"
 DEPLOYED_ADAPTER = "models/deployed"  # the promoted LoRA adapter (DESIGN §2); absent before the first promotion
 ADAPTER_CONFIG = "adapter_config.json"
 HASH_CHUNK_BYTES = 1 << 20
@@ -113,31 +117,51 @@ def deployed_adapter(ws: Workspace) -> str | None:
     return DEPLOYED_ADAPTER if (ws.root / DEPLOYED_ADAPTER / ADAPTER_CONFIG).exists() else None
 
 
-def spec_for_day(ws: Workspace, date: str) -> TrainSpec:
-    """The spec of day ``date``'s training run, from the workspace's params.yaml and its deployed adapter."""
+def _spec(ws: Workspace, date: str, *, continues: str | None, train_file: Path, folder: Path,
+          report: Path) -> TrainSpec:
+    """A spec from the workspace's params.yaml: continue ``continues`` (or a new LoRA) on ``train_file``, writing
+    the adapter and checkpoints under ``folder`` and the report to ``report``."""
     config = ws.config
     train = config.train
     base = config.models.base
     base_path = Path(base) if os.path.isabs(base) else ws.root / base
     if base_path.is_relative_to(ws.root) and base_path.exists():
         base = _relative(ws, base_path)  # relative, so the spec also works where the workspace is mounted elsewhere
-    candidates = ws.candidates(date)
     return TrainSpec(
         workspace=str(ws.root),
         date=date,
         base_model=base,
-        production_adapter=deployed_adapter(ws),
+        production_adapter=continues,
         production_version=ws.current_version,
-        train_file=_relative(ws, ws.selected(date)),
-        output_dir=_relative(ws, candidates / ADAPTER_DIR),
-        report=_relative(ws, ws.reports(date) / REPORT_FILE),
-        checkpoint_dir=_relative(ws, candidates / CHECKPOINT_DIR),
+        train_file=_relative(ws, train_file),
+        output_dir=_relative(ws, folder / ADAPTER_DIR),
+        report=_relative(ws, report),
+        checkpoint_dir=_relative(ws, folder / CHECKPOINT_DIR),
         prompt=config.models.prompt,
         device=config.models.device,
         threads=train.threads,
         hyper=AdapterTrainHyperparameters.model_validate(
             train.model_dump(include=set(AdapterTrainHyperparameters.model_fields))),
     )
+
+
+def spec_for_day(ws: Workspace, date: str) -> TrainSpec:
+    """The spec of day ``date``'s training run, from the workspace's params.yaml and its deployed adapter."""
+    return _spec(ws, date, continues=deployed_adapter(ws), train_file=ws.selected(date), folder=ws.candidates(date),
+                 report=ws.reports(date) / REPORT_FILE)
+
+
+def repair_folder(ws: Workspace, date: str) -> Path:
+    """``models/candidates/D/repair``: the repair stage's rows, spec and repaired adapter."""
+    return ws.candidates(date) / REPAIR_DIR
+
+
+def spec_for_repair(ws: Workspace, date: str) -> TrainSpec:
+    """The repair stage's run: the day's candidate adapter continued on the rehearsal rows it chose (every row
+    marked ``rehearse``, so the run is the rehearsal pass alone)."""
+    folder = repair_folder(ws, date)
+    return _spec(ws, date, continues=_relative(ws, ws.candidates(date) / ADAPTER_DIR),
+                 train_file=folder / REPAIR_ROWS, folder=folder, report=ws.reports(date) / REPAIR_REPORT)
 
 
 def spec_path(ws: Workspace, date: str) -> Path:

@@ -1,0 +1,144 @@
+"""The repair stage (DESIGN §3.7): a candidate the gate kept out for forgetting gets one rehearsal pass, then the
+gate again.
+
+Why: continuing the deployed adapter for many epochs on the day's new facts erodes facts production holds. On
+the demo world the loss is diffuse (15-25 retention items a day, spread over every relation, none contradicted
+by the day's rows), and on some days it passes the gate's tolerance while the day's facts were learned; keeping
+production then throws the day away, and the next days fall further behind. Much of that loss is displaced
+answers, not lost knowledge: a short pass at a lower rate over fresh wordings of facts production knows brings it
+back while the new facts stay (demo day 4: retention 0.850 -> 0.900, production's level, target 0.800 -> 0.750,
+still above production). Doing it only on the days the gate fails costs training on those days alone.
+
+Reads ``reports/D/eval.json``, ``reports/D/decisions.parquet``, ``data/unique/D.jsonl`` and the candidate
+adapter; writes ``models/candidates/D/repair/`` (``rows.jsonl``, the training spec and, when it ran, the repaired
+``adapter``) and ``reports/D/repair.json``. When the repair runs, that report is the gate's report on the
+repaired candidate (the same fields as ``eval.json``, plus what was rehearsed) and it decides the day
+(:func:`deciding_report`); otherwise it says why not, and ``eval.json`` decides.
+
+It runs when ``repair.enabled``, the gate kept production and no check fell more than ``repair.max_shortfall``
+below its floor: a deep fall is a poisoned batch or a candidate that did not learn the day, which the gate is
+there to keep out. A shallow fall of a target task is repaired too: the demo's target task holds every day's
+new facts so far, and a candidate that learned today's can fall below production by forgetting earlier days'
+(day 6: 0.750 -> 0.742), which trained rows in the rehearsal address.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+from typing import Any
+
+from ctune_ops.records import write_jsonl
+from ctune_ops.selection.history import TRAINED
+from ctune_ops.stages import IN_POD_ENV, StageError, StageResult
+from ctune_ops.stages.dedup import open_history, read_stage_input, require_input, write_report
+from ctune_ops.stages.evaluate import PROMOTE, describe, judge
+from ctune_ops.stages.evaluate import REPORT_FILE as EVAL_REPORT
+from ctune_ops.stages.select import DECISIONS_FILE, draw
+from ctune_ops.training import spec as specs
+from ctune_ops.training.data import REHEARSE
+from ctune_ops.workspace import Workspace
+
+STAGE = "repair"
+REPORT_FILE = "repair.json"
+TRAIN_KEYS = ("rows", "steps", "tokens_seen", "response_tokens", "wall_s", "device")
+log = logging.getLogger(__name__)
+
+
+def _digest(ws: Workspace, date: str) -> str:
+    path = require_input(ws.reports(date) / EVAL_REPORT, ws, "evaluate")
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def deciding_report(ws: Workspace, date: str) -> dict[str, Any]:
+    """The gate report that decides day ``date``: the repaired candidate's when the repair ran, else
+    ``eval.json`` ({} when neither exists). A repair report written for another ``eval.json`` is refused."""
+    evaluation = ws.report(date, EVAL_REPORT)
+    repair = ws.report(date, REPORT_FILE)
+    if not repair or not evaluation:
+        return evaluation
+    if repair.get("eval_sha256") != _digest(ws, date):
+        raise StageError(f"reports/{date}/{REPORT_FILE} answers an earlier reports/{date}/{EVAL_REPORT} (the "
+                         f"evaluate stage ran again since): run the repair stage for {date} again")
+    return repair if repair["attempted"] else evaluation
+
+
+def _why_not(ws: Workspace, evaluation: dict[str, Any]) -> str | None:
+    """Why the day needs no repair, or None when it does."""
+    if evaluation["decision"] == PROMOTE:
+        return "the gate promoted the candidate"
+    if not ws.config.repair.enabled:
+        return "repair.enabled is false"
+    limit = ws.config.repair.max_shortfall
+    deep = [c["task"] for c in evaluation["checks"] if c["floor"] - c["candidate"] > limit + 1e-12]
+    if deep:
+        return (f"tasks {deep} fell more than repair.max_shortfall ({limit}) below their floor: a poisoned batch "
+                "or a broken run, not drift")
+    return None
+
+
+def rehearsal_rows(ws: Workspace, date: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``repair.known_share`` of the day's rows the policy judged known and ``repair.trained_rows`` rows trained
+    before the day, each drawn at random (seeded by ``select.seed`` and the date)."""
+    import pyarrow.parquet as pq
+
+    config, seed = ws.config.repair, ws.config.select.seed
+    decisions = pq.read_table(require_input(ws.reports(date) / DECISIONS_FILE, ws, "select"),
+                              columns=["id", "decision"]).to_pydict()
+    known_ids = {row_id for row_id, d in zip(decisions["id"], decisions["decision"], strict=True) if d == "known"}
+    known = [r for r in read_stage_input(ws.unique(date), ws, "dedup") if str(r["id"]) in known_ids]
+    known = draw(known, round(config.known_share * len(known)), f"{seed}:{date}:repair-known")
+    trained: list[dict[str, Any]] = []
+    if config.trained_rows:
+        with open_history(ws) as history:
+            trained = history.sample_records(TRAINED, config.trained_rows, seed=f"{seed}:{date}:repair-trained",
+                                             before=date)
+    return known, trained
+
+
+def run(ws: Workspace, date: str) -> StageResult:
+    from ctune_ops.stages.train import run_training_process
+
+    evaluation = ws.report(date, EVAL_REPORT)
+    if not evaluation:
+        require_input(ws.reports(date) / EVAL_REPORT, ws, "evaluate")
+    folder = specs.repair_folder(ws, date)
+    reason = _why_not(ws, evaluation)
+    known, trained = ([], []) if reason else rehearsal_rows(ws, date)
+    rows = [{**r, "selection": REHEARSE} for r in known + trained]
+    if reason is None and not rows:
+        reason = "no rows to rehearse (no known rows today and repair.trained_rows is 0)"
+    if reason is None and ws.config.train.backend == "kubernetes" and not os.environ.get(IN_POD_ENV):
+        raise StageError("params.yaml: key 'train.backend' is kubernetes: the repair trains in a GPU pod "
+                         "(ctune_ops.airflow.kubernetes.repair_pod_operator, the DAG's repair task), not here; "
+                         "set train.backend: local to repair here")
+    write_jsonl(folder / specs.REPAIR_ROWS, rows)
+    first = {"decision": evaluation["decision"], "adapter": evaluation["candidate"]["adapter"],
+             "failed": [c["task"] for c in evaluation["checks"] if not c["passed"]]}
+    report: dict[str, Any] = {"date": date, "eval_sha256": _digest(ws, date), "attempted": reason is None,
+                              "reason": reason, "first": first}
+    if reason is None:
+        spec = specs.spec_for_repair(ws, date)
+        spec_file = specs.write_spec(spec, folder / specs.SPEC_FILE)
+        run_training_process(ws, spec_file, ws.reports(date) / specs.REPAIR_LOG)
+        run_report = ws.report(date, specs.REPAIR_REPORT)
+        report.update(judge(ws, date, spec.path(ws.root, spec.output_dir)))
+        report["rehearsed"] = {"rows": len(rows), "known_today": len(known), "trained_before": len(trained),
+                               "train": {key: run_report.get(key) for key in TRAIN_KEYS},
+                               "epochs": spec.hyper.rehearsal.epochs,
+                               "learning_rate": spec.hyper.rehearsal.learning_rate}
+        log.info("repair %s: rehearsed %d rows; the gate: %s (%s)", date, len(rows), report["decision"],
+                 describe(report))
+    else:  # what an earlier run of the day left is not this day's repair
+        shutil.rmtree(folder / specs.ADAPTER_DIR, ignore_errors=True)
+        (ws.reports(date) / specs.REPAIR_REPORT).unlink(missing_ok=True)
+        report["decision"] = evaluation["decision"]
+        log.info("repair %s: not needed: %s", date, reason)
+    write_report(ws.reports(date) / REPORT_FILE, report)
+    summary = {"date": date, "attempted": report["attempted"], "decision": report["decision"],
+               "reason": reason, "rows": len(rows)}
+    return StageResult(STAGE, date, summary, {"report": f"reports/{date}/{REPORT_FILE}",
+                                              "rows": ws.shown(folder / specs.REPAIR_ROWS)})
+
