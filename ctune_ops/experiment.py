@@ -8,11 +8,12 @@ the same bootstrapped workspace with the same seeds and hyperparameters:
 * ``ctune``  -- the full pipeline, the proxy updated in step with the deployed model;
 * ``random`` -- as many random rows per day as ``ctune`` selected that day.
 
-Every arm runs the same gate, repair and promotion, as a deployment would. Per arm and day it records training tokens,
-the wall time of scoring and of training, the production model's ``ctune_retention`` and ``ctune_target``
-accuracy after the day (lm-eval, from the gate's report), and, from the world's truth, precision and recall of
-dropping redundant rows and of keeping new facts. Compute is estimated in FLOPs from parameter counts and tokens
-(below), for the demo's sizes and for a 7B deployed model with a 0.5B proxy.
+Every arm runs the same gate, repair and promotion, as a deployment would. Per arm and day it records training
+tokens (the repair's rehearsal included), the wall time of scoring and of training, the production model's
+``ctune_retention`` and ``ctune_target`` accuracy after the day (lm-eval, from the deciding gate's report), and,
+from the world's truth, precision and recall of dropping redundant rows and of keeping new facts. Compute is
+estimated in FLOPs from parameter counts and tokens (below), for the demo's sizes and for a 7B deployed model
+with a 0.5B proxy.
 """
 
 from __future__ import annotations
@@ -266,7 +267,8 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
     for r in rows:
         q = r["quality"]
         lines.append(
-            f"| {r['arm']} | {r['date']} | {r['decision']} {r['version']} | {r['selected']} / {r['unique']} | "
+            f"| {r['arm']} | {r['date']} | {r['decision']} {r['version']}{' (repaired)' if r['repaired'] else ''} | "
+            f"{r['selected']} / {r['unique']} | "
             f"{r['tokens']['train']} | {r['wall_s']['score']} | {r['wall_s']['train']} | "
             f"{r['production'].get('ctune_retention', float('nan')):.3f} | "
             f"{r['production'].get('ctune_target', float('nan')):.3f} | "

@@ -290,6 +290,15 @@ def record_stage(ws: Workspace, date: str, stage: str | None = None) -> None:
     """Record DVC stage ``stage`` of day ``date`` (every stage when None) in ``dvc.lock`` (``dvc commit``): its
     deps, params and outputs as they are now, so ``dvc status`` knows what ran and ``dvc repro`` reruns only what
     changed."""
+    if stage is not None:
+        import yaml
+
+        from ctune_ops.workspace import DVC_FILE
+
+        stages = (yaml.safe_load((ws.root / DVC_FILE).read_text(encoding="utf-8")) or {}).get("stages") or {}
+        if stage not in stages:
+            raise WorkspaceError(f"{ws.shown(ws.root / DVC_FILE)} has no stage {stage!r} (written by an earlier "
+                                 f"ctune): add it from ctune_ops/resources/{DVC_FILE}")
     ws.set_batch_date(date)
     ws.run_dvc(f"commit {stage or 'of every stage'} (recording {date} in dvc.lock)",
                lambda repo: repo.commit(stage, force=True, allow_missing=_skips_outputs(ws, date)))

@@ -63,3 +63,18 @@ def test_the_repair_report_decides_only_for_the_eval_it_answers(workspace) -> No
     (folder / "eval.json").write_text(json.dumps({**evaluation, "decision": "promote"}))  # evaluate ran again
     with pytest.raises(StageError, match="run the repair stage for 2026-01-01 again"):
         deciding_report(workspace, date)
+
+
+def test_a_workspace_from_before_the_repair_stage_is_told_how_to_get_it(workspace) -> None:  # noqa: ANN001
+    import yaml
+
+    from ctune_ops.registry import record_stage
+    from ctune_ops.workspace import WorkspaceError
+
+    path = workspace.root / "dvc.yaml"
+    pipeline = yaml.safe_load(path.read_text())
+    assert "repair" in pipeline["stages"]  # a new workspace has it
+    del pipeline["stages"]["repair"]
+    path.write_text(yaml.safe_dump(pipeline))
+    with pytest.raises(WorkspaceError, match="dvc.yaml has no stage 'repair'.*ctune_ops/resources/dvc.yaml"):
+        record_stage(workspace, "2026-01-01", "repair")
