@@ -31,7 +31,7 @@ import shutil
 from typing import Any
 
 from ctune_ops.records import write_jsonl
-from ctune_ops.selection.history import TRAINED
+from ctune_ops.selection.history import KNOWN, TRAINED
 from ctune_ops.stages import IN_POD_ENV, StageError, StageResult
 from ctune_ops.stages.dedup import open_history, read_stage_input, require_input, write_report
 from ctune_ops.stages.evaluate import PROMOTE, describe, judge
@@ -87,7 +87,7 @@ def rehearsal_rows(ws: Workspace, date: str) -> tuple[list[dict[str, Any]], list
     config, seed = ws.config.repair, ws.config.select.seed
     decisions = pq.read_table(require_input(ws.reports(date) / DECISIONS_FILE, ws, "select"),
                               columns=["id", "decision"]).to_pydict()
-    known_ids = {row_id for row_id, d in zip(decisions["id"], decisions["decision"], strict=True) if d == "known"}
+    known_ids = {row_id for row_id, d in zip(decisions["id"], decisions["decision"], strict=True) if d == KNOWN}
     known = [r for r in read_stage_input(ws.unique(date), ws, "dedup") if str(r["id"]) in known_ids]
     known = draw(known, round(config.known_share * len(known)), f"{seed}:{date}:repair-known")
     trained: list[dict[str, Any]] = []
@@ -101,9 +101,8 @@ def rehearsal_rows(ws: Workspace, date: str) -> tuple[list[dict[str, Any]], list
 def run(ws: Workspace, date: str) -> StageResult:
     from ctune_ops.stages.train import run_training_process
 
+    require_input(ws.reports(date) / EVAL_REPORT, ws, "evaluate")
     evaluation = ws.report(date, EVAL_REPORT)
-    if not evaluation:
-        require_input(ws.reports(date) / EVAL_REPORT, ws, "evaluate")
     folder = specs.repair_folder(ws, date)
     reason = _why_not(ws, evaluation)
     known, trained = ([], []) if reason else rehearsal_rows(ws, date)
