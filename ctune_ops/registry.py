@@ -278,30 +278,34 @@ def _record_dvc(ws: Workspace, journal: dict[str, Any]) -> None:
     ws.dvc_add([t for t in VERSIONED if (ws.root / t).exists()])
 
 
-def _skips_outputs(ws: Workspace, date: str) -> bool:
-    """Whether a stage legitimately wrote no output: ``proxy.update: false`` makes no candidate proxy, and a day
-    run without the repair stage (a caller from before it, or one that leaves it out) has no repair folder."""
-    from ctune_ops.training.spec import repair_folder
-
-    return not ws.config.proxy.update or not repair_folder(ws, date).is_dir()
+def _skips_outputs(ws: Workspace) -> bool:
+    """Whether a stage legitimately writes no output: ``proxy.update: false`` makes no candidate proxy."""
+    return not ws.config.proxy.update
 
 
 def record_stage(ws: Workspace, date: str, stage: str | None = None) -> None:
     """Record DVC stage ``stage`` of day ``date`` (every stage when None) in ``dvc.lock`` (``dvc commit``): its
     deps, params and outputs as they are now, so ``dvc status`` knows what ran and ``dvc repro`` reruns only what
-    changed."""
-    if stage is not None:
-        import yaml
+    changed. A day run without the repair stage (a caller from before it, or one that leaves it out) has no
+    repair folder: every other stage is recorded, the repair stage not."""
+    import yaml
 
-        from ctune_ops.workspace import DVC_FILE
+    from ctune_ops.training.spec import repair_folder
+    from ctune_ops.workspace import DVC_FILE
 
-        stages = (yaml.safe_load((ws.root / DVC_FILE).read_text(encoding="utf-8")) or {}).get("stages") or {}
-        if stage not in stages:
-            raise WorkspaceError(f"{ws.shown(ws.root / DVC_FILE)} has no stage {stage!r} (written by an earlier "
-                                 f"ctune): add it from ctune_ops/resources/{DVC_FILE}")
+    stages = list((yaml.safe_load((ws.root / DVC_FILE).read_text(encoding="utf-8")) or {}).get("stages") or {})
+    if stage is not None and stage not in stages:
+        raise WorkspaceError(f"{ws.shown(ws.root / DVC_FILE)} has no stage {stage!r} (written by an earlier "
+                             f"ctune): add it from ctune_ops/resources/{DVC_FILE}")
+    names = [stage] if stage is not None else [
+        name for name in stages if name != "repair" or repair_folder(ws, date).is_dir()]
     ws.set_batch_date(date)
-    ws.run_dvc(f"commit {stage or 'of every stage'} (recording {date} in dvc.lock)",
-               lambda repo: repo.commit(stage, force=True, allow_missing=_skips_outputs(ws, date)))
+
+    def commit(repo: Any) -> None:
+        for name in names:
+            repo.commit(name, force=True, allow_missing=_skips_outputs(ws))
+
+    ws.run_dvc(f"commit {stage or 'of every stage'} (recording {date} in dvc.lock)", commit)
 
 
 def _push(ws: Workspace) -> None:

@@ -42,7 +42,7 @@ from tests.conftest import set_params
 from tests.test_proxy_stage import SMALL_TRAIN
 
 DAY1, DAY2, DAY3 = "2026-01-01", "2026-01-02", "2026-01-03"
-PIPELINE = ("validate", "dedup", "score", "select", "train", "proxy", "evaluate")
+PIPELINE = ("validate", "dedup", "score", "select", "train", "proxy", "evaluate", "repair")
 OPEN_GATE = {"evaluate": {"tolerance": 1.0, "min_gain": -1.0}}
 POISONED_FACTS = 12
 
@@ -68,7 +68,8 @@ def _run_day(ws: Workspace, date: str) -> None:
 
 @pytest.fixture(scope="module")
 def evaluated(small_world, tmp_path_factory) -> Workspace:  # noqa: ANN001
-    """Day 1 through evaluate, not promoted: the starting point of every promote below."""
+    """Day 1 through evaluate and repair (not needed: the gate is open), not promoted: the starting point of every
+    promote below."""
     ws = set_params(_copy(small_world, tmp_path_factory.mktemp("registry") / "ws"), {**SMALL_TRAIN, **OPEN_GATE})
     _run_day(ws, DAY1)
     return ws
@@ -298,7 +299,7 @@ def test_poisoned_day_is_rejected_and_production_is_untouched(story) -> None:  #
     report = json.loads((ws.reports(DAY3) / "eval.json").read_text())
     assert report["decision"] == "keep" and "ctune_retention" in [c["task"] for c in report["checks"]
                                                                  if not c["passed"]], report["checks"]
-    run_stage(ws, "repair", DAY3)  # neither refusing to repair nor a rehearsal may let the poison in
+    # the repair stage ran too: neither refusing to repair nor a rehearsal may let the poison in
     repair = json.loads((ws.reports(DAY3) / "repair.json").read_text())
     assert repair["decision"] == "keep", repair
     outcome = promote(ws, DAY3)
