@@ -94,3 +94,43 @@ def test_a_sqlite_home_waits_for_write_locks(tmp_path) -> None:  # noqa: ANN001
     postgres_env = LocalAirflow(tmp_path / "ws", start_date="2026-01-01", database_url="postgresql+psycopg2://u@127.0.0.1/db").env()
     assert postgres_env.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS") == \
         os.environ.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS")  # Postgres: Airflow's defaults
+
+
+def test_a_sqlite_cli_command_that_lost_a_lock_race_runs_again(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """SQLite refuses a read-then-write transaction at once when another process wrote meanwhile (no busy wait
+    helps); `airflow backfill create` cleans up after itself then, so the command is run again. Other failures,
+    and any failure on Postgres, are not retried."""
+    from ctune_ops.airflow import local
+
+    calls: list[list[str]] = []
+    answers: list[tuple[int, str]] = []
+
+    def fake_run(args, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        calls.append(args)
+        code, err = answers.pop(0)
+        return subprocess.CompletedProcess(args, code, stdout="", stderr=err)
+
+    monkeypatch.setattr(local.subprocess, "run", fake_run)
+    monkeypatch.setattr(local, "LOCKED_PAUSE_S", 0.0)
+    home = local.LocalAirflow(tmp_path / "ws", start_date="2026-01-01")
+    answers[:] = [(1, "sqlite3.OperationalError: database is locked"), (0, "")]
+    assert home.airflow("backfill", "create").returncode == 0
+    assert len(calls) == 2
+
+    calls.clear()
+    answers[:] = [(1, "database is locked")] * (local.LOCKED_RETRIES + 1)
+    with pytest.raises(local.LocalAirflowError, match="database is locked"):
+        home.airflow("backfill", "create")
+    assert len(calls) == local.LOCKED_RETRIES + 1
+
+    calls.clear()
+    answers[:] = [(1, "DagNotFound: ctune_daily")]
+    with pytest.raises(local.LocalAirflowError, match="DagNotFound"):
+        home.airflow("backfill", "create")
+    assert len(calls) == 1
+
+    calls.clear()
+    postgres = local.LocalAirflow(tmp_path / "ws", start_date="2026-01-01", database_url="postgresql+psycopg2://u@h/db")
+    answers[:] = [(1, "database is locked")]
+    assert postgres.airflow("backfill", "create", check=False).returncode == 1
+    assert len(calls) == 1

@@ -37,6 +37,12 @@ STARTUP_TIMEOUT_S = 180.0
 POLL_S = 2.0
 HEALTH_PATH = "/api/v2/monitor/health"
 FINISHED = ("success", "failed")
+# SQLite answers "database is locked" at once, without waiting for the busy timeout, when a transaction that has
+# read must upgrade to a write another process made meanwhile (its deadlock rule); `airflow backfill create` then
+# removes the backfill it half made so that the caller can retry (airflow.models.backfill._cleanup_partial_backfill)
+LOCKED = "database is locked"
+LOCKED_RETRIES = 4
+LOCKED_PAUSE_S = 3.0
 DAG_FILES_REFRESH_S = 10  # dag_processor.refresh_interval: new DAG files show up within this
 
 
@@ -138,9 +144,14 @@ class LocalAirflow:
         return env
 
     def airflow(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        """Run the ``airflow`` CLI against this home."""
-        result = subprocess.run([str(Path(sys.executable).parent / "airflow"), *args], env=self.env(),
-                                capture_output=True, text=True, check=False)
+        """Run the ``airflow`` CLI against this home; on SQLite, a command that lost a lock race is run again."""
+        for attempt in range(LOCKED_RETRIES + 1):
+            result = subprocess.run([str(Path(sys.executable).parent / "airflow"), *args], env=self.env(),
+                                    capture_output=True, text=True, check=False)
+            locked = result.returncode != 0 and LOCKED in (result.stderr + result.stdout)
+            if self.database_url or not locked or attempt == LOCKED_RETRIES:
+                break
+            time.sleep(LOCKED_PAUSE_S)
         if check and result.returncode != 0:
             raise LocalAirflowError(f"airflow {' '.join(args)} failed ({result.returncode}):\n"
                                     f"{(result.stderr or result.stdout)[-3000:]}")
