@@ -682,7 +682,8 @@ class RepairConfig(_Strict):
     ``trained_rows`` rows trained before the day, both drawn at random. It costs training only on the days the
     gate fails, and the repaired candidate faces the same gate. A candidate more than ``max_shortfall`` below a
     task's floor is not repaired: a fall that deep is a poisoned batch, a broken run or a day not learned, which
-    the gate is there to keep out, not the drift a rehearsal mends.
+    the gate is there to keep out, not the drift a rehearsal mends. A pass that leaves the candidate short, but
+    within ``max_shortfall``, is followed by another (up to ``rounds``), continuing the last one's adapter.
     """
 
     enabled: bool = True
@@ -690,6 +691,8 @@ class RepairConfig(_Strict):
     trained_rows: int = Field(default=40, ge=0, description="rows trained before the day, at random")
     max_shortfall: float = Field(default=0.10, ge=0.0, le=1.0, description="largest fall below a task's floor "
                                  "that is still repaired")
+    rounds: int = Field(default=2, ge=1, description="rehearsal passes at most: a round that still falls short "
+                        "(within max_shortfall) is continued by another on freshly drawn trained rows")
 
 
 with warnings.catch_warnings():

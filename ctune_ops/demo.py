@@ -51,7 +51,9 @@ def _day_summary(ws: Workspace, date: str) -> None:
     repair = ws.report(date, "repair.json")
     if repair.get("attempted"):
         checks = ", ".join(f"{c['task']} {c['production']:.3f} -> {c['candidate']:.3f}" for c in repair["checks"])
-        print(f"    repair: rehearsed {repair['rehearsed']['rows']} known rows; gate: {checks}: {repair['decision']}")
+        rounds = len(repair["rehearsed"].get("rounds", [])) or 1
+        print(f"    repair: rehearsed {repair['rehearsed']['rows']} known rows in {rounds} round(s); gate: {checks}: "
+              f"{repair['decision']}")
     outcome = Registry.load(ws).day_outcome(date)
     if outcome is None:
         print("    not versioned (promote did not run)")

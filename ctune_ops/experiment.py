@@ -112,12 +112,20 @@ def flops(tokens: dict[str, int], sizes: dict[str, float]) -> dict[str, float]:
     return {"train": train, "score": score, "proxy_update": proxy, "total": train + score + proxy}
 
 
+def _repaired(row: dict[str, Any]) -> str:
+    """The table's repair marker: ``(repaired)``, ``(repaired, 2 rounds)`` or nothing."""
+    if not row["repaired"]:
+        return ""
+    rounds = row.get("repair_rounds", 1)
+    return " (repaired)" if rounds <= 1 else f" (repaired, {rounds} rounds)"
+
+
 def run_day(ws: Workspace, arm: str, date: str) -> dict[str, Any]:
     """One day of one arm through every stage and promote; what it cost and what it did."""
     from ctune_ops.registry import promote
     from ctune_ops.stages import run_stage
+    from ctune_ops.stages.repair import REPORT_FILE as REPAIR_FILE
     from ctune_ops.stages.repair import deciding_report
-    from ctune_ops.training.spec import REPAIR_REPORT
     from ctune_ops.world.selection_truth import selection_quality
 
     walls: dict[str, float] = {}
@@ -127,7 +135,8 @@ def run_day(ws: Workspace, arm: str, date: str) -> dict[str, Any]:
         walls[stage] = round(time.perf_counter() - started, 2)
     outcome = promote(ws, date)
     train, proxy, selection, repair = (ws.report(date, n) for n in ("train.json", "proxy.json", "selection.json",
-                                                                      REPAIR_REPORT))
+                                                                      REPAIR_FILE))
+    rehearsed = (repair.get("rehearsed") or {}).get("train", {})  # every round of the repair, summed
     evaluation = deciding_report(ws, date)
     side = "candidate" if outcome.decision == "promote" else "production"
     metric = evaluation["rule"]["metric"]
@@ -137,8 +146,9 @@ def run_day(ws: Workspace, arm: str, date: str) -> dict[str, Any]:
         "arm": arm, "date": date, "decision": outcome.decision, "version": outcome.version,
         "selected": selection["funnel"]["selected"], "training_rows": selection["funnel"]["training_rows"],
         "unique": selection["funnel"]["unique"],
-        "repaired": bool(repair),
-        "tokens": {"train": train.get("tokens_seen", 0) + repair.get("tokens_seen", 0),
+        "repaired": bool(repair.get("attempted")),
+        "repair_rounds": len((repair.get("rehearsed") or {}).get("rounds", [])),
+        "tokens": {"train": train.get("tokens_seen", 0) + rehearsed.get("tokens_seen", 0),
                    "score": _scoring_tokens(ws, date),
                    "proxy_update": _proxy_tokens(train, proxy), "teacher": train.get("teacher_tokens", 0)},
         "wall_s": {"score": walls["score"], "train": walls["train"], "proxy": walls["proxy"],
@@ -267,7 +277,7 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
     for r in rows:
         q = r["quality"]
         lines.append(
-            f"| {r['arm']} | {r['date']} | {r['decision']} {r['version']}{' (repaired)' if r['repaired'] else ''} | "
+            f"| {r['arm']} | {r['date']} | {r['decision']} {r['version']}{_repaired(r)} | "
             f"{r['selected']} / {r['unique']} | "
             f"{r['tokens']['train']} | {r['wall_s']['score']} | {r['wall_s']['train']} | "
             f"{r['production'].get('ctune_retention', float('nan')):.3f} | "

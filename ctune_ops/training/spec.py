@@ -31,6 +31,7 @@ REPAIR_DIR = "repair"  # models/candidates/D/repair: the repair stage's run (ctu
 REPAIR_ROWS = "rows.jsonl"
 REPAIR_REPORT = "repair_train.json"
 REPAIR_LOG = "repair_train.log"
+REPAIR_ROUND_DIR = "round"  # repair/round2, repair_train_round2.json: the repair's later rounds
 DEPLOYED_ADAPTER = "models/deployed"  # the promoted LoRA adapter (DESIGN §2); absent before the first promotion
 ADAPTER_CONFIG = "adapter_config.json"
 HASH_CHUNK_BYTES = 1 << 20
@@ -151,17 +152,27 @@ def spec_for_day(ws: Workspace, date: str) -> TrainSpec:
                  report=ws.reports(date) / REPORT_FILE)
 
 
-def repair_folder(ws: Workspace, date: str) -> Path:
-    """``models/candidates/D/repair``: the repair stage's rows, spec and repaired adapter."""
-    return ws.candidates(date) / REPAIR_DIR
+def repair_folder(ws: Workspace, date: str, round_no: int = 1) -> Path:
+    """``models/candidates/D/repair``: the repair stage's rows, spec and repaired adapter of its first round;
+    round ``n > 1`` has the same in ``repair/round<n>`` (the whole folder is the stage's one DVC output)."""
+    folder = ws.candidates(date) / REPAIR_DIR
+    return folder if round_no == 1 else folder / f"{REPAIR_ROUND_DIR}{round_no}"
 
 
-def spec_for_repair(ws: Workspace, date: str) -> TrainSpec:
-    """The repair stage's run: the day's candidate adapter continued on the rehearsal rows it chose (every row
-    marked ``rehearse``, so the run is the rehearsal pass alone)."""
-    folder = repair_folder(ws, date)
-    return _spec(ws, date, continues=_relative(ws, ws.candidates(date) / ADAPTER_DIR),
-                 train_file=folder / REPAIR_ROWS, folder=folder, report=ws.reports(date) / REPAIR_REPORT)
+def repair_report(ws: Workspace, date: str, round_no: int = 1) -> Path:
+    """``reports/D/repair_train.json`` (round 1), ``repair_train_round<n>.json`` (round n): the runs' reports."""
+    name = REPAIR_REPORT if round_no == 1 else REPAIR_REPORT.replace(".json", f"_{REPAIR_ROUND_DIR}{round_no}.json")
+    return ws.reports(date) / name
+
+
+def spec_for_repair(ws: Workspace, date: str, round_no: int = 1) -> TrainSpec:
+    """Round ``round_no`` of the repair stage: the day's candidate adapter (round 1) or the previous round's
+    continued on the rehearsal rows the round chose (every row marked ``rehearse``, so the run is the rehearsal
+    pass alone)."""
+    folder = repair_folder(ws, date, round_no)
+    continues = ws.candidates(date) if round_no == 1 else repair_folder(ws, date, round_no - 1)
+    return _spec(ws, date, continues=_relative(ws, continues / ADAPTER_DIR), train_file=folder / REPAIR_ROWS,
+                 folder=folder, report=repair_report(ws, date, round_no))
 
 
 def spec_path(ws: Workspace, date: str) -> Path:
