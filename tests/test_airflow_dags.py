@@ -29,7 +29,7 @@ OUTPUT = REPO / "test-output" / "airflow"
 CHROMIUM = "/usr/bin/chromium"
 DAYS = ("2026-01-01", "2026-01-02")
 BACKFILL_TIMEOUT_S = 1500.0
-PARAMS = {**SMALL_TRAIN, "evaluate": {"tolerance": 1.0, "min_gain": -1.0}}  # both days promote: v1, v2
+PARAMS = {**SMALL_TRAIN, "evaluate": {"tolerance": 1.0, "min_gain": -1.0, "drift_tolerance": None}}  # v1, v2
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,23 @@ def test_gate_rule() -> None:
     assert gate(_scores(0.9, 0.3), _scores(0.9, 0.34), strict)[0] == KEEP
 
 
+def test_the_gate_holds_tasks_that_are_no_target_near_the_base() -> None:
+    """Each day's tolerance is granted against the production of the day; without an anchor a task could lose it
+    every day. With drift_tolerance the floor is also the base model's score minus that; targets are not
+    anchored (their items grow every day), and without base scores the rule is the per-day one."""
+    drift = SimpleNamespace(**{**vars(RULE), "drift_tolerance": 0.03})
+    base = _scores(0.93, 0.2)
+    decision, checks = gate(_scores(0.91, 0.5), _scores(0.89, 0.6), drift, base)  # 0.02 below production
+    retention = checks[0]
+    assert decision == KEEP and retention["floor"] == 0.9 and retention["base"] == 0.93
+    assert not retention["passed"] and "base" not in checks[1] and checks[1]["passed"]
+    assert gate(_scores(0.91, 0.5), _scores(0.90, 0.6), drift, base)[0] == PROMOTE
+    assert gate(_scores(0.91, 0.5), _scores(0.89, 0.6), drift)[0] == PROMOTE  # no base scores: per day only
+    off = SimpleNamespace(**{**vars(RULE), "drift_tolerance": None})
+    assert gate(_scores(0.91, 0.5), _scores(0.89, 0.6), off, base)[0] == PROMOTE
+    assert gate(_scores(0.99, 0.5), _scores(0.95, 0.6), drift, base)[0] == KEEP  # the day's rule still holds
+
+
 @pytest.fixture(scope="module")
 def trained_world(small_world, tmp_path_factory):  # noqa: ANN001, ANN201
     root = tmp_path_factory.mktemp("evaluate") / "ws"
@@ -52,7 +69,11 @@ def test_evaluate_scores_both_and_caches_production(trained_world) -> None:  # n
     assert report["production"]["version"] == "v0" and report["production"]["cached"] == 0
     assert report["decision"] == (PROMOTE if all(c["passed"] for c in report["checks"]) else KEEP)
     cache = json.loads((ws.root / "state" / "eval_scores.json").read_text())
-    assert len(cache["v0"]) == 2
+    assert len(cache["v0"]) == 2  # production is the base on day 1: its retention score is the drift anchor too
+    retention = next(c for c in report["checks"] if c["task"] == "ctune_retention")
+    assert retention["base"] == retention["production"]
+    assert abs(retention["floor"] - (retention["production"] - ws.config.evaluate.tolerance)) < 1e-4
+    assert report["rule"]["drift_tolerance"] == ws.config.evaluate.drift_tolerance == 0.03
     again = json.loads(json.dumps(report))
     run_stage(ws, "evaluate", DATE)
     report = json.loads((ws.reports(DATE) / "eval.json").read_text())

@@ -43,7 +43,7 @@ from tests.test_proxy_stage import SMALL_TRAIN
 
 DAY1, DAY2, DAY3 = "2026-01-01", "2026-01-02", "2026-01-03"
 PIPELINE = ("validate", "dedup", "score", "select", "train", "proxy", "evaluate", "repair")
-OPEN_GATE = {"evaluate": {"tolerance": 1.0, "min_gain": -1.0}}
+OPEN_GATE = {"evaluate": {"tolerance": 1.0, "min_gain": -1.0, "drift_tolerance": None}}
 POISONED_FACTS = 12
 
 
@@ -336,7 +336,7 @@ def test_git_checkout_and_dvc_checkout_by_hand_give_the_same_bytes(story, tmp_pa
 
 
 def test_poisoned_day_is_rejected_and_production_is_untouched(story) -> None:  # noqa: ANN001
-    ws = set_params(story["ws"], {"evaluate": {"tolerance": 0.03, "min_gain": 0.0}})
+    ws = set_params(story["ws"], {"evaluate": {"tolerance": 0.03, "min_gain": 0.0, "drift_tolerance": 0.03}})
     if ws.current_version != "v1":  # this test continues the story after the rollback
         rollback(ws, "v1")
     write_poisoned_day(ws, DAY3, facts=POISONED_FACTS)
@@ -345,6 +345,15 @@ def test_poisoned_day_is_rejected_and_production_is_untouched(story) -> None:  #
     report = json.loads((ws.reports(DAY3) / "eval.json").read_text())
     assert report["decision"] == "keep" and "ctune_retention" in [c["task"] for c in report["checks"]
                                                                  if not c["passed"]], report["checks"]
+    # the retention floor is also the base model's own score (v0's, cached since day 1) - 0.03
+    cache = json.loads((ws.root / "state" / "eval_scores.json").read_text())
+    from ctune_ops.stages.evaluate import production_identity
+
+    identity = f"production={production_identity(ws, base_only=True)}:"
+    (base,) = [s["acc"] for key, s in cache["v0"].items() if key.startswith("ctune_retention:") and identity in key]
+    retention = next(c for c in report["checks"] if c["task"] == "ctune_retention")
+    assert retention["base"] == round(base, 4)
+    assert abs(retention["floor"] - (max(retention["production"], base) - 0.03)) < 1e-4
     # the repair stage ran too: neither refusing to repair nor a rehearsal may let the poison in
     repair = json.loads((ws.reports(DAY3) / "repair.json").read_text())
     assert repair["decision"] == "keep", repair

@@ -22,7 +22,7 @@ from typing import Any
 from ctune_ops import lmeval
 from ctune_ops.stages import StageError, StageResult
 from ctune_ops.stages.dedup import require_input, write_report
-from ctune_ops.workspace import Workspace, atomic_write_text
+from ctune_ops.workspace import BASE_VERSION, Workspace, atomic_write_text
 
 STAGE = "evaluate"
 REPORT_FILE = "eval.json"
@@ -70,12 +70,13 @@ def task_digest(path: Path) -> tuple[str, str]:
     return config["task"], digest.hexdigest()
 
 
-def production_identity(ws: Workspace) -> str:
+def production_identity(ws: Workspace, base_only: bool = False) -> str:
     """sha256 of what production is: the base's location and the deployed adapter's files (none before the
-    first promotion). Part of the cache key, so a restored or replaced adapter is never judged by old scores."""
+    first promotion, or with ``base_only``: the base as first deployed). Part of the cache key, so a restored or
+    replaced adapter is never judged by old scores."""
     digest = hashlib.sha256(ws.model_path(ws.config.models.base).encode())
     adapter = ws.root / DEPLOYED
-    for item in sorted(adapter.glob("*")) if production_adapter(ws) else []:
+    for item in sorted(adapter.glob("*")) if production_adapter(ws) and not base_only else []:
         if item.is_file():
             digest.update(item.name.encode() + item.read_bytes())
     return digest.hexdigest()[:16]
@@ -87,17 +88,42 @@ def production_adapter(ws: Workspace) -> str | None:
 
 
 def gate(production: dict[str, dict[str, float]], candidate: dict[str, dict[str, float]],
-         config: Any) -> tuple[str, list[dict[str, Any]]]:
-    """The decision and one check per task: within ``tolerance`` of production; targets at least ``min_gain``."""
+         config: Any, base: dict[str, dict[str, float]] | None = None) -> tuple[str, list[dict[str, Any]]]:
+    """The decision and one check per task: within ``tolerance`` of production; targets at least ``min_gain``;
+    a task that is no target also within ``drift_tolerance`` of ``base`` (the base model's scores, when given)."""
     checks = []
+    drift = getattr(config, "drift_tolerance", None)
     for task in sorted(candidate):
         before, after = production[task][config.metric], candidate[task][config.metric]
         target = task in config.target_tasks
         floor = before + config.min_gain if target else before - config.tolerance
-        checks.append({"task": task, "target": target, "production": round(before, SCORE_DIGITS),
-                       "candidate": round(after, SCORE_DIGITS), "change": round(after - before, SCORE_DIGITS),
-                       "floor": round(floor, SCORE_DIGITS), "passed": after >= floor - 1e-12})
+        check = {"task": task, "target": target, "production": round(before, SCORE_DIGITS),
+                 "candidate": round(after, SCORE_DIGITS), "change": round(after - before, SCORE_DIGITS)}
+        if not target and drift is not None and base and task in base:
+            check["base"] = round(base[task][config.metric], SCORE_DIGITS)
+            floor = max(floor, base[task][config.metric] - drift)
+        checks.append({**check, "floor": round(floor, SCORE_DIGITS), "passed": after >= floor - 1e-12})
     return (PROMOTE if all(c["passed"] for c in checks) else KEEP), checks
+
+
+def _base_scores(ws: Workspace, files: list[Path], keys: dict[Path, tuple[str, str]], cache: dict[str, Any],
+                 options: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """The base model's scores (no adapter: what v0 deployed) on the tasks that are no target, for the drift
+    floor. Kept in the cache under v0, where day 1's evaluation put them; scored here when missing (a workspace
+    whose first day ran before this rule, or a task added since)."""
+    config = ws.config.evaluate
+    wanted = [path for path in files if keys[path][0] not in config.target_tasks]
+    if config.drift_tolerance is None or not wanted:
+        return {}
+    identity = production_identity(ws, base_only=True)
+    cached = cache.setdefault(BASE_VERSION, {})
+    entry = {path: f"{keys[path][0]}:{keys[path][1]}:production={identity}:limit={config.limit}" for path in wanted}
+    todo = [path for path in wanted if entry[path] not in cached]
+    if todo:
+        fresh = lmeval.evaluate(ws.model_path(ws.config.models.base), todo, peft=None, **options)
+        for path in todo:
+            cached[entry[path]] = fresh[keys[path][0]]
+    return {keys[path][0]: cached[entry[path]] for path in wanted}
 
 
 def judge(ws: Workspace, date: str, adapter: Path) -> dict[str, Any]:
@@ -119,6 +145,7 @@ def judge(ws: Workspace, date: str, adapter: Path) -> dict[str, Any]:
     version = ws.current_version
     cache_path = ws.root / "state" / CACHE_FILE
     cache = json.loads(cache_path.read_text(encoding="utf-8")) if cache_path.exists() else {}
+    loaded = json.dumps(cache, sort_keys=True)
     cached = cache.setdefault(version, {})
     identity = production_identity(ws)
     entry = {path: f"{name}:{digest}:production={identity}:limit={config.limit}"
@@ -128,22 +155,26 @@ def judge(ws: Workspace, date: str, adapter: Path) -> dict[str, Any]:
         fresh = lmeval.evaluate(base, todo, peft=production_adapter(ws), **options)
         for path in todo:
             cached[entry[path]] = fresh[keys[path][0]]
+    production = {keys[path][0]: cached[entry[path]] for path in files}
+    anchor = _base_scores(ws, files, keys, cache, options)
+    if json.dumps(cache, sort_keys=True) != loaded:  # production's or the base's scores were computed
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(cache_path, json.dumps(cache, indent=1, sort_keys=True) + "\n")
-    production = {keys[path][0]: cached[entry[path]] for path in files}
     candidate = lmeval.evaluate(base, files, peft=str(adapter), **options)
     lacking = sorted(task for task, scores in candidate.items() if config.metric not in scores)
     if lacking:
         raise StageError(f"params.yaml: key 'evaluate.metric': the tasks {lacking} do not report "
                          f"{config.metric!r} (their YAML's metric_list)")
-    decision, checks = gate(production, candidate, config)
+    decision, checks = gate(production, candidate, config, anchor)
     return {
         "date": date,
         "decision": decision,
         "rule": {"metric": config.metric, "tolerance": config.tolerance, "min_gain": config.min_gain,
-                 "target_tasks": list(config.target_tasks),
+                 "drift_tolerance": config.drift_tolerance, "target_tasks": list(config.target_tasks),
                  "text": f"every task's {config.metric} >= production - {config.tolerance}; target tasks >= "
-                         f"production + {config.min_gain}"},
+                         f"production + {config.min_gain}"
+                         + ("" if config.drift_tolerance is None else
+                            f"; other tasks >= base - {config.drift_tolerance}")},
         "checks": checks,
         "production": {"version": version, "adapter": production_adapter(ws) and DEPLOYED,
                        "scores": production, "cached": len(files) - len(todo)},
