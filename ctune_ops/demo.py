@@ -52,7 +52,9 @@ def _day_summary(ws: Workspace, date: str) -> None:
     if repair.get("attempted"):
         checks = ", ".join(f"{c['task']} {c['production']:.3f} -> {c['candidate']:.3f}" for c in repair["checks"])
         rounds = len(repair["rehearsed"].get("rounds", [])) or 1
-        print(f"    repair: rehearsed {repair['rehearsed']['rows']} known rows in {rounds} round(s); gate: {checks}: "
+        rehearsed = repair["rehearsed"]
+        print(f"    repair: rehearsed {rehearsed['rows']} rows ({rehearsed['known_today']} judged known today, "
+              f"{rehearsed['trained_before']} trained before) in {rounds} round(s); gate: {checks}: "
               f"{repair['decision']}")
     outcome = Registry.load(ws).day_outcome(date)
     if outcome is None:
@@ -142,7 +144,7 @@ def run_demo(directory: Path, days: int, seed: int | None = None) -> int:
         s = lmeval.evaluate(lm, [new_file], cache_dir=ws.root / ".lmeval-cache")[evalsets.NEW_TASK]
         print(f"  {evalsets.NEW_TASK + ' ' + date:<28}{s['acc']:.3f}  (n={s['n']}; not trained yet, chance 0.25)")
     ok = _run_days(ws, generated.dates)
-    print("\nper day (validate -> dedup -> score -> select -> train -> update_proxy -> evaluate -> promote):")
+    print("\nper day (validate -> dedup -> score -> select -> train -> update_proxy -> evaluate -> repair -> promote):")
     for date in generated.dates:
         _day_summary(ws, date)
     _versions(ws)
