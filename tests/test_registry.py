@@ -124,16 +124,23 @@ def test_promote_twice_changes_nothing(story) -> None:  # noqa: ANN001
     assert ws.git("rev-parse", "HEAD").stdout == head
 
 
-def test_a_repaired_candidate_is_what_promote_installs(evaluated, tmp_path) -> None:  # noqa: ANN001
-    """The gate kept day 1 for a shallow fall of retention (eval.json as the gate writes it when the candidate is
-    0.02 below the floor); the repair stage rehearses known rows, judges the repaired adapter again (with this
-    workspace's open gate: promote), and promote installs that adapter, not the day's first candidate."""
-    ws = _copy(evaluated, tmp_path / "ws")
+def _kept_for_a_shallow_fall(evaluated: Workspace, root: Path) -> tuple[Workspace, dict]:
+    """A copy of the evaluated day 1 whose eval.json says what the gate writes when the candidate's retention is
+    0.02 below its floor: keep (the repair stage's case); and that report."""
+    ws = _copy(evaluated, root)
     path = ws.reports(DAY1) / "eval.json"
     report = json.loads(path.read_text())
     retention = next(c for c in report["checks"] if c["task"] == "ctune_retention")
     retention.update(floor=round(retention["candidate"] + 0.02, 4), passed=False)
     path.write_text(json.dumps({**report, "decision": "keep"}))
+    return ws, report
+
+
+def test_a_repaired_candidate_is_what_promote_installs(evaluated, tmp_path) -> None:  # noqa: ANN001
+    """The gate kept day 1 for a shallow fall of retention (eval.json as the gate writes it when the candidate is
+    0.02 below the floor); the repair stage rehearses known rows, judges the repaired adapter again (with this
+    workspace's open gate: promote), and promote installs that adapter, not the day's first candidate."""
+    ws, report = _kept_for_a_shallow_fall(evaluated, tmp_path / "ws")
 
     result = run_stage(ws, "repair", DAY1)
     repair = json.loads((ws.reports(DAY1) / "repair.json").read_text())
@@ -171,12 +178,7 @@ def test_a_repair_still_short_gets_a_second_round(evaluated, tmp_path, monkeypat
     real training and gate.)"""
     from ctune_ops.stages import repair as repair_stage
 
-    ws = _copy(evaluated, tmp_path / "ws")
-    path = ws.reports(DAY1) / "eval.json"
-    report = json.loads(path.read_text())
-    retention = next(c for c in report["checks"] if c["task"] == "ctune_retention")
-    retention.update(floor=round(retention["candidate"] + 0.02, 4), passed=False)
-    path.write_text(json.dumps({**report, "decision": "keep"}))
+    ws, report = _kept_for_a_shallow_fall(evaluated, tmp_path / "ws")
     real_judge = repair_stage.judge
 
     def first_round_short(ws_, date, adapter):  # noqa: ANN001, ANN202
