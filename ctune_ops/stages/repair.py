@@ -101,11 +101,13 @@ def rehearsal_rows(ws: Workspace, date: str, round_no: int = 1) -> tuple[list[di
     return known, trained
 
 
-def _round(ws: Workspace, date: str, round_no: int) -> dict[str, Any]:
-    """One rehearsal pass (continuing the previous round's adapter) and the gate on its result."""
+def _round(ws: Workspace, date: str, round_no: int,
+           drawn: tuple[list[dict[str, Any]], list[dict[str, Any]]] | None = None) -> dict[str, Any]:
+    """One rehearsal pass (continuing the previous round's adapter) and the gate on its result; ``drawn``: the
+    round's rehearsal rows when already drawn."""
     from ctune_ops.stages.train import run_training_process
 
-    known, trained = rehearsal_rows(ws, date, round_no)
+    known, trained = drawn or rehearsal_rows(ws, date, round_no)
     rows = [{**r, "selection": REHEARSE} for r in known + trained]
     folder = specs.repair_folder(ws, date, round_no)
     write_jsonl(folder / specs.REPAIR_ROWS, rows)
@@ -157,7 +159,8 @@ def run(ws: Workspace, date: str) -> StageResult:
     evaluation = ws.report(date, EVAL_REPORT)
     folder = specs.repair_folder(ws, date)
     reason = _why_not(ws, evaluation)
-    if reason is None and not any(rehearsal_rows(ws, date)):
+    drawn = rehearsal_rows(ws, date) if reason is None else ([], [])
+    if reason is None and not any(drawn):
         reason = "no rows to rehearse (no known rows today and repair.trained_rows is 0)"
     if reason is None and ws.config.train.backend == "kubernetes" and not os.environ.get(IN_POD_ENV):
         raise StageError("params.yaml: key 'train.backend' is kubernetes: the repair trains in a GPU pod "
@@ -172,7 +175,7 @@ def run(ws: Workspace, date: str) -> StageResult:
     if reason is None:
         # another round while the last one is still kept but within reach (_why_not: no deep fall)
         while not rounds or (len(rounds) < ws.config.repair.rounds and _why_not(ws, rounds[-1]["verdict"]) is None):
-            rounds.append(_round(ws, date, len(rounds) + 1))
+            rounds.append(_round(ws, date, len(rounds) + 1, None if rounds else drawn))
         report.update(rounds[-1]["verdict"])
         report["rehearsed"] = _rehearsed(rounds)
     else:
