@@ -106,6 +106,11 @@ def gate(production: dict[str, dict[str, float]], candidate: dict[str, dict[str,
     return (PROMOTE if all(c["passed"] for c in checks) else KEEP), checks
 
 
+def _cache_key(task: str, digest: str, identity: str, limit: int | None) -> str:
+    """Where ``state/eval_scores.json`` keeps a model's scores on a task (under the version's key)."""
+    return f"{task}:{digest}:production={identity}:limit={limit}"
+
+
 def _base_scores(ws: Workspace, files: list[Path], keys: dict[Path, tuple[str, str]], cache: dict[str, Any],
                  options: dict[str, Any]) -> dict[str, dict[str, float]]:
     """The base model's scores (no adapter: what v0 deployed) on the tasks that are no target, for the drift
@@ -117,7 +122,7 @@ def _base_scores(ws: Workspace, files: list[Path], keys: dict[Path, tuple[str, s
         return {}
     identity = production_identity(ws, base_only=True)
     cached = cache.setdefault(BASE_VERSION, {})
-    entry = {path: f"{keys[path][0]}:{keys[path][1]}:production={identity}:limit={config.limit}" for path in wanted}
+    entry = {path: _cache_key(*keys[path], identity, config.limit) for path in wanted}
     todo = [path for path in wanted if entry[path] not in cached]
     if todo:
         fresh = lmeval.evaluate(ws.model_path(ws.config.models.base), todo, peft=None, **options)
@@ -148,8 +153,7 @@ def judge(ws: Workspace, date: str, adapter: Path) -> dict[str, Any]:
     loaded = json.dumps(cache, sort_keys=True)
     cached = cache.setdefault(version, {})
     identity = production_identity(ws)
-    entry = {path: f"{name}:{digest}:production={identity}:limit={config.limit}"
-             for path, (name, digest) in keys.items()}
+    entry = {path: _cache_key(name, digest, identity, config.limit) for path, (name, digest) in keys.items()}
     todo = [path for path in files if entry[path] not in cached]
     if todo:
         fresh = lmeval.evaluate(base, todo, peft=production_adapter(ws), **options)
