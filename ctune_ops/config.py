@@ -439,6 +439,10 @@ class SelectConfig(_Strict):
     replay_known_today: float = Field(
         default=0.0, ge=0.0, le=1.0, description="share of the replay taken from today's rows judged known "
         "(production's facts in today's wording); the rest is drawn at random")
+    replay_per_epoch: bool = Field(
+        default=True, description="draw the replay anew for each of the training's main epochs (train.epochs), "
+        "each epoch's draw as large as the whole replay otherwise: the same replayed tokens reach epochs times "
+        "as many earlier rows")
     rehearse_known: float = Field(
         default=0.0, ge=0.0, le=1.0, description="share of today's rows judged known that the training set's "
         "rehearsal pass (train.rehearsal) goes over after the main epochs")

@@ -23,6 +23,12 @@ from ctune_ops.world.measure import world_task_files
 DAG_TIMEOUT_S = 3600.0  # the whole backfill; 5 demo days take about 5 minutes on 2 cores
 
 
+def _per_epoch(selection: dict) -> str:
+    """`` (N per epoch)`` when each training epoch drew a replay of its own, else nothing."""
+    draw = selection.get("replay_draw") or {}
+    return f" ({draw['rows']} per epoch)" if draw.get("per_epoch") else ""
+
+
 def _day_summary(ws: Workspace, date: str) -> None:
     """One day as the DAG left it: funnel, the truth's view of it, training, the gate, promote or keep."""
     from ctune_ops.registry import Registry
@@ -35,7 +41,8 @@ def _day_summary(ws: Workspace, date: str) -> None:
     f = selection["funnel"]
     print(f"  {date}: raw {validation['raw']} -> quarantined {validation['quarantined']}, duplicates "
           f"{f['exact_duplicate'] + f['near_duplicate']}, known {f['known']} (tau_known {selection['tau_known']:.3f}), "
-          f"misaligned {f['misaligned']}, selected {f['selected']} + replay {f['replay']}; tokens selected "
+          f"misaligned {f['misaligned']}, selected {f['selected']} + replay {f['replay']}{_per_epoch(selection)}; "
+          "tokens selected "
           f"{selection['selected_tokens']} of {selection['unique_tokens']} "
           f"({selection['selected_tokens'] / max(selection['unique_tokens'], 1):.0%})")
     q = selection_quality(ws, date)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from collections import Counter
 
 import pyarrow.parquet as pq
 import pytest
@@ -48,7 +49,10 @@ def test_every_accepted_row_has_one_decision(selected_world) -> None:  # noqa: A
         training = list(read_jsonl(ws.selected(date)))
         assert sum(r["selection"] == "new" for r in training) == funnel["selected"]
         assert sum(r["selection"] == "replay" for r in training) == funnel["replay"]
-        assert funnel["replay"] == round(ws.config.select.replay_ratio * funnel["selected"])
+        draw = json.loads((ws.reports(date) / "selection.json").read_text())["replay_draw"]
+        assert draw["rows"] == round(ws.config.select.replay_ratio * funnel["selected"])
+        epochs = [e for r in training if r["selection"] == "replay" for e in r["epochs"]]
+        assert Counter(epochs) == dict.fromkeys(range(ws.config.train.epochs), draw["rows"])  # one draw per epoch
         for name in ("l_cond", "l_out", "ppl", "ifd"):
             scores = [v for v, d in zip(table[name], table["decision"], strict=True) if "duplicate" not in d]
             assert all(v is not None and v > 0 for v in scores)
@@ -98,7 +102,8 @@ def test_least_known_replay_takes_the_weakest_trained_rows(selected_world, tmp_p
 
     source, _ = selected_world
     shutil.copytree(source.root, tmp_path / "ws", symlinks=True)
-    ws = set_params(Workspace.open(tmp_path / "ws"), {"select": {"replay_least_known": 1.0}})
+    ws = set_params(Workspace.open(tmp_path / "ws"), {"select": {"replay_least_known": 1.0,
+                                                                      "replay_per_epoch": False}})
     date = DATES[2]
     run_stage(ws, "select", date)
     funnel = json.loads((ws.reports(date) / "selection.json").read_text())["funnel"]
@@ -123,7 +128,7 @@ def test_replay_from_todays_known_rows_and_similar_trained_rows(selected_world, 
 
     source, _ = selected_world
     shutil.copytree(source.root, tmp_path / "ws", symlinks=True)
-    ws = set_params(Workspace.open(tmp_path / "ws"), {"select": shares})
+    ws = set_params(Workspace.open(tmp_path / "ws"), {"select": {**shares, "replay_per_epoch": False}})
     date = DATES[2]
     run_stage(ws, "select", date)
     funnel = json.loads((ws.reports(date) / "selection.json").read_text())["funnel"]
@@ -178,3 +183,33 @@ def test_rehearsal_rows_are_todays_known_rows_and_trained_rows(selected_world, t
     assert funnel["rehearse"] == len(rehearsed) and funnel["training_rows"] == len(training)
     decision_of = dict(zip(decisions["id"], decisions["decision"], strict=True))
     assert all(decision_of[r["id"]] == "known" for r in rehearsed if r["id"] in decision_of)  # decisions unchanged
+
+
+def test_replay_is_drawn_for_each_epoch(selected_world, tmp_path) -> None:  # noqa: ANN001
+    """``replay_per_epoch``: each main epoch gets a replay of its own, as large as the whole replay otherwise, and
+    each replayed row lists the epochs it was drawn for; off, one replay serves every epoch."""
+    from tests.conftest import set_params
+
+    source, _ = selected_world
+    shutil.copytree(source.root, tmp_path / "ws", symlinks=True)
+    ws = set_params(Workspace.open(tmp_path / "ws"), {"select": {"replay_per_epoch": True}})
+    date, epochs = DATES[2], ws.config.train.epochs
+    run_stage(ws, "select", date)
+    funnel = json.loads((ws.reports(date) / "selection.json").read_text())["funnel"]
+    training = list(read_jsonl(ws.selected(date)))
+    replayed = [r for r in training if r["selection"] == "replay"]
+    assert funnel["replay"] == len(replayed) and len({r["id"] for r in replayed}) == len(replayed)
+    assert all("epochs" not in r for r in training if r["selection"] != "replay")
+    count = round(ws.config.select.replay_ratio * funnel["selected"])
+    per_epoch = Counter(e for r in replayed for e in r["epochs"])
+    assert per_epoch == {e: count for e in range(epochs)} and count > 0
+    assert all(r["epochs"] == sorted(set(r["epochs"])) for r in replayed)
+    assert len(replayed) > 2 * count  # the epochs' draws differ: many more rows than one replay
+    with History(ws.history_db, ws.config.dedup) as history:
+        trained = {r["id"] for r in history.sample_records("trained", 10**6, seed="all", before=date)}
+    assert {r["id"] for r in replayed} <= trained
+
+    once = set_params(ws, {"select": {"replay_per_epoch": False}})
+    run_stage(once, "select", date)
+    replayed = [r for r in read_jsonl(once.selected(date)) if r["selection"] == "replay"]
+    assert len(replayed) == count and all("epochs" not in r for r in replayed)

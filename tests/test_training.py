@@ -165,6 +165,40 @@ def test_labels_cover_only_the_response(ws: Workspace) -> None:
             range(len(rows)))
 
 
+def test_rows_naming_their_epochs_are_trained_in_those_only(ws: Workspace) -> None:
+    """A row with ``epochs`` (the per-epoch replay) is in those epochs' batches and no other; rows without it are
+    in every epoch, and a plan where no row names epochs is the plan of before."""
+    from ctune_ops.training.loop import run_training
+
+    lengths = [10, 12, 11, 30, 31, 29, 8]
+    epochs_of = [None, None, [0], [1, 2], [2], [5], None]  # epoch 5 is beyond a 3-epoch run: never trained
+    plan = plan_batches(lengths, 2, 3, seed=5, epochs_of=epochs_of)
+    assert plan_batches(lengths, 2, 3, seed=5, epochs_of=[None] * len(lengths)) == plan_batches(lengths, 2, 3, 5)
+    seen: dict[int, list[int]] = {}
+    epoch, filled = 0, set()
+    for batch in plan:  # batches follow each other epoch by epoch; an epoch ends once all its rows were seen
+        want = {i for i, e in enumerate(epochs_of) if e is None or epoch in e}
+        for i in batch:
+            seen.setdefault(i, []).append(epoch)
+        filled |= set(batch)
+        if filled == want:
+            epoch, filled = epoch + 1, set()
+    assert epoch == 3
+    assert seen == {0: [0, 1, 2], 1: [0, 1, 2], 2: [0], 3: [1, 2], 4: [2], 6: [0, 1, 2]}
+
+    rows = fact_rows()
+    rows = [{**r, "epochs": [k % 12, (k + 5) % 12]} if r["selection"] == "replay" else r
+            for k, r in enumerate(rows)]
+    _write_day(ws, rows)
+    report = run_training(spec_for_day(ws, DATE), ws.root, progress=lambda _: None)
+    lengths = [len(e.input_ids) for e in encode_examples(_tokenizer(ws), rows, ws.config.models.prompt, 96)]
+    assert report["tokens_seen"] == sum(n * (2 if "epochs" in r else 12) for n, r in zip(lengths, rows, strict=True))
+
+    _write_day(ws, [*rows[:2], {**rows[2], "epochs": []}])
+    with pytest.raises(StageError, match=rf"data/selected/{DATE}.jsonl:3: field 'epochs' must be a non-empty list"):
+        run_stage(ws, "train", DATE)
+
+
 def test_resume_after_sigkill_matches_an_uninterrupted_run(ws: Workspace, tmp_path: Path) -> None:
     import torch
 

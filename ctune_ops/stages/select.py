@@ -30,7 +30,7 @@ from ctune_ops.stages import StageError, StageResult
 from ctune_ops.stages.dedup import REPORT_FILE as DEDUP_REPORT
 from ctune_ops.stages.dedup import open_history, read_stage_input, require_input, write_report
 from ctune_ops.stages.score import calibration_path, calibration_sample, write_parquet
-from ctune_ops.training.data import NEW, REHEARSE, REPLAY
+from ctune_ops.training.data import EPOCHS, NEW, REHEARSE, REPLAY
 from ctune_ops.workspace import Workspace
 
 STAGE = "select"
@@ -61,7 +61,8 @@ def draw(rows: list[dict[str, Any]], count: int, seed: str) -> list[dict[str, An
 
 
 def _replay(ws: Workspace, history: History, date: str, count: int, chosen: list[dict[str, Any]],
-            known_today: list[dict[str, Any]], calibration: dict[str, list[Any]]) -> list[dict[str, Any]]:
+            known_today: list[dict[str, Any]], calibration: dict[str, list[Any]],
+            draw_name: str = "") -> list[dict[str, Any]]:
     """``count`` rows production already holds, to train beside the new ones; the select config's shares say
     which (they add up to at most 1; what they leave is drawn at random from every row trained before ``date``):
 
@@ -74,15 +75,20 @@ def _replay(ws: Workspace, history: History, date: str, count: int, chosen: list
     * ``replay_least_known``: the rows of the calibration sample (trained rows the proxy scored today, see the
       score stage) with the highest ppl, the trained facts production holds most weakly; the calibration rows
       are the score stage's draw, read again.
+
+    ``draw_name`` tells apart the random draws of one day (each epoch's, see :func:`_replay_per_epoch`).
     """
     config = ws.config.select
+
+    def seed(part: str) -> str:
+        return f"{config.seed}:{date}:{part}{draw_name}"
+
     taken: list[dict[str, Any]] = []
-    taken += draw(known_today, round(config.replay_known_today * count), f"{config.seed}:{date}:replay-known")
+    taken += draw(known_today, round(config.replay_known_today * count), seed("replay-known"))
     similar_count = round(config.replay_similar * count)
     if similar_count:
-        pool = history.sample_records(TRAINED, config.replay_pool_rows, seed=f"{config.seed}:{date}:replay-pool",
-                                      before=date)
-        turns = random.Random(f"{config.seed}:{date}:replay-turns").sample(chosen, len(chosen))
+        pool = history.sample_records(TRAINED, config.replay_pool_rows, seed=seed("replay-pool"), before=date)
+        turns = random.Random(seed("replay-turns")).sample(chosen, len(chosen))
         taken += [pool[k] for k in most_similar(turns, pool, similar_count)]
     weakest_count = round(config.replay_least_known * count)
     if weakest_count:
@@ -93,11 +99,31 @@ def _replay(ws: Workspace, history: History, date: str, count: int, chosen: list
         ppl = np.asarray(calibration["ppl"], dtype=float)
         order = np.lexsort((np.arange(len(ppl)), -ppl))  # highest ppl first, ties in sample order
         taken += [sample[k] for k in sorted(order[:weakest_count].tolist())]
-    drawn = history.sample_records(TRAINED, count, seed=f"{config.seed}:{date}:replay", before=date)
+    drawn = history.sample_records(TRAINED, count, seed=seed("replay"), before=date)
     replay: dict[str, dict[str, Any]] = {}  # by the row's bytes: the parts may pick one row twice
     for record in taken + drawn:  # each share rounds on its own, so together they may pass ``count``: cut
         replay.setdefault(dumps_record(record), record)
     return list(replay.values())[:count]
+
+
+def _replay_per_epoch(ws: Workspace, history: History, date: str, count: int, chosen: list[dict[str, Any]],
+                      known_today: list[dict[str, Any]],
+                      calibration: dict[str, list[Any]]) -> tuple[list[dict[str, Any]], list[list[int]]]:
+    """The replay drawn anew for each of the training's ``train.epochs`` main epochs, ``count`` rows each (as
+    :func:`_replay` draws them); every row once, with the epochs it was drawn for.
+
+    Why: a replay drawn once is the same few dozen rows for every epoch, so the model holds on to those rows
+    while the rest of what it knows drifts; drawn per epoch, the same replayed tokens reach epochs times as many
+    earlier rows.
+    """
+    rows: dict[str, dict[str, Any]] = {}
+    epochs: dict[str, list[int]] = {}
+    for epoch in range(ws.config.train.epochs):
+        for record in _replay(ws, history, date, count, chosen, known_today, calibration, f":epoch{epoch}"):
+            key = dumps_record(record)
+            rows.setdefault(key, record)
+            epochs.setdefault(key, []).append(epoch)
+    return list(rows.values()), list(epochs.values())
 
 
 def _rehearsal(ws: Workspace, history: History, date: str, chosen: list[dict[str, Any]],
@@ -169,10 +195,16 @@ def run(ws: Workspace, date: str) -> StageResult:
         history.set_decisions(date, {str(unique[k]["id"]): (d, version if d == KNOWN else None)
                                      for k, d in enumerate(policy.decisions)})
         known_today = [unique[k] for k, d in enumerate(policy.decisions) if d == KNOWN]
-        replay = _replay(ws, history, date, round(config.replay_ratio * len(chosen)), chosen, known_today,
-                         calibration)
+        count = round(config.replay_ratio * len(chosen))
+        if config.replay_per_epoch:
+            replay, replay_epochs = _replay_per_epoch(ws, history, date, count, chosen, known_today, calibration)
+        else:
+            replay = _replay(ws, history, date, count, chosen, known_today, calibration)
+            replay_epochs = [None] * len(replay)  # every epoch
         rehearsal = _rehearsal(ws, history, date, chosen, known_today, replay)
-    training = ([{**r, "selection": NEW} for r in chosen] + [{**r, "selection": REPLAY} for r in replay]
+    training = ([{**r, "selection": NEW} for r in chosen]
+                + [{**r, "selection": REPLAY, **({EPOCHS: e} if e is not None else {})}
+                   for r, e in zip(replay, replay_epochs, strict=True)]
                 + [{**r, "selection": REHEARSE} for r in rehearsal])
     write_jsonl(ws.selected(date), training)
     write_parquet(ws.reports(date) / DECISIONS_FILE, table)
@@ -192,6 +224,7 @@ def run(ws: Workspace, date: str) -> StageResult:
             "training_rows": len(training),
         },
         **policy.thresholds(),
+        "replay_draw": {"rows": count, "per_epoch": config.replay_per_epoch},  # funnel's replay: distinct rows
         "known_quantile": config.known_quantile,
         "ifd_max": config.ifd_max,
         "calibration_rows": len(calibration["id"]),

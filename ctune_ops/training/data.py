@@ -23,6 +23,9 @@ IGNORE_INDEX = -100  # the label torch's cross entropy skips: prompt tokens and 
 # ``selection`` of a row in data/selected/D.jsonl (the select stage writes it; absent = new): a row selected
 # today, a replayed earlier row (both in the main epochs), a row for the rehearsal pass after them
 NEW, REPLAY, REHEARSE = "new", "replay", "rehearse"
+# ``epochs`` of a row: the main epochs (0-based) it is trained in; absent = every epoch. The select stage gives
+# replayed rows their own epochs when the replay is drawn anew for each epoch (``select.replay_per_epoch``)
+EPOCHS = "epochs"
 SORT_WINDOW_BATCHES = 16  # rows are sorted by length within windows of this many batches: little padding, still random
 
 
@@ -55,6 +58,11 @@ def read_training_rows(path: Path, shown: str) -> list[dict[str, Any]]:
                     raise TrainingDataError(f"{shown}:{number}: field {field!r} must be a string")
             if not isinstance(row.get("input") or "", str):
                 raise TrainingDataError(f"{shown}:{number}: field 'input' must be a string or absent")
+            epochs = row.get(EPOCHS)
+            if epochs is not None and not (isinstance(epochs, list) and epochs and all(
+                    isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in epochs)):
+                raise TrainingDataError(f"{shown}:{number}: field {EPOCHS!r} must be a non-empty list of epoch "
+                                        f"numbers (0, 1, ...) or absent, got {epochs!r}")
             rows.append(row)
     except FileNotFoundError:
         raise TrainingDataError(f"{shown} does not exist: run the select stage for this date first") from None
@@ -81,15 +89,19 @@ def encode_examples(tokenizer: Any, rows: Sequence[dict[str, Any]], prompt: Prom
     return examples
 
 
-def plan_batches(lengths: Sequence[int], batch_size: int, epochs: int, seed: int) -> list[list[int]]:
+def plan_batches(lengths: Sequence[int], batch_size: int, epochs: int, seed: int,
+                 epochs_of: Sequence[Sequence[int] | None] | None = None) -> list[list[int]]:
     """Micro-batches of row indices for all epochs: each epoch shuffles the rows, sorts them by length within
     windows, cuts batches and shuffles the batches, so rows of similar length share a batch (little padding)
-    while the order stays random. Depends only on the lengths, the sizes and the seed."""
+    while the order stays random. ``epochs_of[i]`` (when given and not None) lists the epochs row ``i`` takes
+    part in; a row listing none below ``epochs`` is not trained. Depends only on the lengths, the sizes, the
+    epochs of each row and the seed."""
     rng = random.Random(seed)
     window = batch_size * SORT_WINDOW_BATCHES
     plan: list[list[int]] = []
-    for _ in range(epochs):
-        order = list(range(len(lengths)))
+    for epoch in range(epochs):
+        order = [i for i in range(len(lengths))
+                 if epochs_of is None or epochs_of[i] is None or epoch in epochs_of[i]]
         rng.shuffle(order)
         batches = []
         for start in range(0, len(order), window):

@@ -38,6 +38,7 @@ from ctune_ops.training.checkpoint import (
     trainable_parameters,
 )
 from ctune_ops.training.data import (
+    EPOCHS,
     IGNORE_INDEX,
     NEW,
     REHEARSE,
@@ -267,10 +268,11 @@ class Phase:
     learning_rate: float
 
 
-def _plan(examples: Sequence[Example], indices: Sequence[int], batch_size: int, epochs: int,
-          seed: int) -> list[list[int]]:
-    """The batch plan of the rows ``indices`` (row indices of ``examples``)."""
-    batches = plan_batches([len(examples[i].input_ids) for i in indices], batch_size, epochs, seed)
+def _plan(examples: Sequence[Example], rows: Sequence[dict[str, Any]], indices: Sequence[int], batch_size: int,
+          epochs: int, seed: int) -> list[list[int]]:
+    """The batch plan of the rows ``indices`` (row indices of ``examples``), each in the epochs it names."""
+    batches = plan_batches([len(examples[i].input_ids) for i in indices], batch_size, epochs, seed,
+                           [rows[i].get(EPOCHS) for i in indices])
     return [[indices[j] for j in batch] for batch in batches]
 
 
@@ -312,8 +314,9 @@ def run_training(spec: TrainSpec, root: Path, progress: Callable[[str], None] = 
         # the main epochs over new and replayed rows, then the rehearsal pass over the rows marked for it
         main = [i for i, row in enumerate(rows) if row.get("selection") != REHEARSE]
         rehearsed = [i for i, row in enumerate(rows) if row.get("selection") == REHEARSE]
-        main_plan = _plan(examples, main, hyper.batch_size, hyper.epochs, hyper.seed)
-        plan = main_plan + _plan(examples, rehearsed, hyper.batch_size, hyper.rehearsal.epochs, hyper.seed + 1)
+        main_plan = _plan(examples, rows, main, hyper.batch_size, hyper.epochs, hyper.seed)
+        plan = main_plan + _plan(examples, rows, rehearsed, hyper.batch_size, hyper.rehearsal.epochs,
+                                 hyper.seed + 1)
         phases = _phases(len(main_plan), len(plan) - len(main_plan), hyper)
         total_steps = sum(phase.steps for phase in phases)
         params = [p for _, p in trainable_parameters(model)]

@@ -20,7 +20,7 @@ from typing import Any
 
 from ctune_ops.config import PromptConfig, ProxyConfig
 from ctune_ops.training.checkpoint import trainable_parameters
-from ctune_ops.training.data import encode_examples, plan_batches
+from ctune_ops.training.data import EPOCHS, encode_examples, plan_batches
 from ctune_ops.training.loop import ADAM_BETAS, learning_rate, optimizer_step, pick_runtime
 from ctune_ops.workspace import atomic_directory
 
@@ -68,7 +68,8 @@ def train_proxy(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], prom
     random.seed(config.seed)
     torch.manual_seed(config.seed)
     examples = encode_examples(tokenizer, rows, prompt, config.max_length)
-    plan = plan_batches([len(e.input_ids) for e in examples], config.batch_size, config.epochs, config.seed)
+    plan = plan_batches([len(e.input_ids) for e in examples], config.batch_size, config.epochs, config.seed,
+                        [row.get(EPOCHS) for row in rows])
     total_steps = math.ceil(len(plan) / config.grad_accumulation)
     warmup_steps = int(total_steps * config.warmup_fraction)
     params = [p for _, p in trainable_parameters(model)]
