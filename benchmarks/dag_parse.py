@@ -3,7 +3,8 @@
 Each measurement is a fresh Python process that has imported Airflow's task SDK and DagBag first (the
 dag-processor's parent has them loaded), then parses one DAG file with ``DagBag.process_file`` and times it: the
 cost the file itself adds, which is what ctune's imports can make worse. Bytecode caching is on, as in any
-deployment (a warm-up parse writes the caches first).
+deployment (a warm-up parse writes the caches first), and the DAG files point at a workspace holding the default
+``params.yaml``, which they read for the training backend as they do when deployed.
 The bare DAG (one EmptyOperator) is parsed the same way in the same run, and so is a DAG of the daily DAG's shape
 made of EmptyOperators (eight chained tasks, the same Param and default_args): what Airflow itself charges for
 that shape, so ctune's own share shows. Target: each ctune DAG file at most
@@ -21,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -113,8 +115,12 @@ def main(argv: list[str] | None = None) -> int:
         bare.write_text(BARE_DAG, encoding="utf-8")
         same_shape = home / "same_shape_dag.py"
         same_shape.write_text(same_shape_dag(), encoding="utf-8")
+        # the DAG files read the workspace's params.yaml (the training backend) as they do when deployed
+        workspace = home / "workspace"
+        workspace.mkdir()
+        shutil.copy(REPO / "ctune_ops" / "resources" / "params.yaml", workspace / "params.yaml")
         env = {**os.environ, "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-               "AIRFLOW__CORE__DAGS_FOLDER": str(home), "CTUNE_WORKSPACE": str(home / "no-workspace")}
+               "AIRFLOW__CORE__DAGS_FOLDER": str(home), "CTUNE_WORKSPACE": str(workspace)}
         # a deployment's modules have their bytecode cached (pip compiles it at install; Python writes it on first
         # import); without it every parse would time compiling ctune's sources
         env.pop("PYTHONDONTWRITEBYTECODE", None)
