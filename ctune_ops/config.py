@@ -439,6 +439,9 @@ class SelectConfig(_Strict):
     replay_known_today: float = Field(
         default=0.0, ge=0.0, le=1.0, description="share of the replay taken from today's rows judged known "
         "(production's facts in today's wording); the rest is drawn at random")
+    replay_stream: float = Field(
+        default=0.25, ge=0.0, le=1.0, description="share of the replay drawn from rows the stream trained (earlier "
+        "batch days), not from the base model's trained_reference rows; the rest is drawn from every trained row")
     replay_per_epoch: bool = Field(
         default=True, description="draw the replay anew for each of the training's main epochs (train.epochs), "
         "each epoch's draw as large as the whole replay otherwise: the same replayed tokens reach epochs times "
@@ -456,7 +459,7 @@ class SelectConfig(_Strict):
     @model_validator(mode="after")
     def _replay_shares(self) -> SelectConfig:
         shares = {"replay_known_today": self.replay_known_today, "replay_similar": self.replay_similar,
-                  "replay_least_known": self.replay_least_known}
+                  "replay_least_known": self.replay_least_known, "replay_stream": self.replay_stream}
         if sum(shares.values()) > 1.0:
             raise ValueError(" + ".join(f"{k} ({v})" for k, v in shares.items()) + " is more than the whole "
                              "replay (1.0)")

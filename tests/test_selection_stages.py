@@ -185,14 +185,16 @@ def test_rehearsal_rows_are_todays_known_rows_and_trained_rows(selected_world, t
     assert all(decision_of[r["id"]] == "known" for r in rehearsed if r["id"] in decision_of)  # decisions unchanged
 
 
-def test_replay_is_drawn_for_each_epoch(selected_world, tmp_path) -> None:  # noqa: ANN001
+def test_replay_is_drawn_for_each_epoch_and_partly_from_the_stream(selected_world, tmp_path) -> None:  # noqa: ANN001
     """``replay_per_epoch``: each main epoch gets a replay of its own, as large as the whole replay otherwise, and
-    each replayed row lists the epochs it was drawn for; off, one replay serves every epoch."""
+    each replayed row lists the epochs it was drawn for; off, one replay serves every epoch. ``replay_stream``:
+    that share of each draw are rows the stream trained (earlier batch days), not the base model's reference."""
+    from ctune_ops.selection.history import REFERENCE_DATE
     from tests.conftest import set_params
 
     source, _ = selected_world
     shutil.copytree(source.root, tmp_path / "ws", symlinks=True)
-    ws = set_params(Workspace.open(tmp_path / "ws"), {"select": {"replay_per_epoch": True}})
+    ws = set_params(Workspace.open(tmp_path / "ws"), {"select": {"replay_per_epoch": True, "replay_stream": 0.5}})
     date, epochs = DATES[2], ws.config.train.epochs
     run_stage(ws, "select", date)
     funnel = json.loads((ws.reports(date) / "selection.json").read_text())["funnel"]
@@ -206,10 +208,15 @@ def test_replay_is_drawn_for_each_epoch(selected_world, tmp_path) -> None:  # no
     assert all(r["epochs"] == sorted(set(r["epochs"])) for r in replayed)
     assert len(replayed) > 2 * count  # the epochs' draws differ: many more rows than one replay
     with History(ws.history_db, ws.config.dedup) as history:
-        trained = {r["id"] for r in history.sample_records("trained", 10**6, seed="all", before=date)}
-    assert {r["id"] for r in replayed} <= trained
+        date_of = dict(history.db.execute("SELECT row_id, date FROM rows WHERE decision = 'trained' AND date < ?",
+                                          (date,)))
+    assert {r["id"] for r in replayed} <= date_of.keys()
+    stream = Counter(e for r in replayed for e in r["epochs"] if date_of[r["id"]] > REFERENCE_DATE)
+    want = round(0.5 * count)
+    assert sum(d > REFERENCE_DATE for d in date_of.values()) > want  # enough stream rows to fill the share
+    assert all(stream[e] >= want for e in range(epochs))
 
-    once = set_params(ws, {"select": {"replay_per_epoch": False}})
+    once = set_params(ws, {"select": {"replay_per_epoch": False, "replay_stream": 0.0}})
     run_stage(once, "select", date)
     replayed = [r for r in read_jsonl(once.selected(date)) if r["selection"] == "replay"]
     assert len(replayed) == count and all("epochs" not in r for r in replayed)

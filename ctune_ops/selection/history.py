@@ -224,10 +224,14 @@ class History:
         query = "SELECT row_id, decision, version FROM rows WHERE date = ?"
         return {row_id: (decision, version) for row_id, decision, version in self.db.execute(query, (date,))}
 
-    def sample_records(self, decision: str, count: int, seed: str, before: str | None = None) -> list[dict[str, Any]]:
-        """Up to ``count`` records with ``decision`` (dated before ``before`` when given), drawn reproducibly."""
-        query = "SELECT ref FROM rows WHERE decision = ?" + (" AND date < ?" if before else "") + " ORDER BY ref"
-        refs = [ref for (ref,) in self.db.execute(query, (decision, before) if before else (decision,))]
+    def sample_records(self, decision: str, count: int, seed: str, before: str | None = None,
+                       after: str | None = None) -> list[dict[str, Any]]:
+        """Up to ``count`` records with ``decision`` (dated before ``before`` and after ``after`` when given),
+        drawn reproducibly."""
+        bounds = [(" AND date < ?", before), (" AND date > ?", after)]
+        query = ("SELECT ref FROM rows WHERE decision = ?" + "".join(sql for sql, value in bounds if value)
+                 + " ORDER BY ref")
+        refs = [ref for (ref,) in self.db.execute(query, (decision, *(value for _, value in bounds if value)))]
         chosen = sorted(random.Random(seed).sample(refs, min(count, len(refs))))
         records = []
         for part in _chunks(chosen):

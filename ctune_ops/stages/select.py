@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ctune_ops.records import dumps_record, write_jsonl
-from ctune_ops.selection.history import KNOWN, TRAINED, History
+from ctune_ops.selection.history import KNOWN, REFERENCE_DATE, TRAINED, History
 from ctune_ops.selection.policy import POLICY_DECISIONS, decide
 from ctune_ops.selection.replay import most_similar
 from ctune_ops.stages import StageError, StageResult
@@ -74,7 +74,9 @@ def _replay(ws: Workspace, history: History, date: str, count: int, chosen: list
       (:func:`ctune_ops.selection.replay.most_similar`) among ``replay_pool_rows`` drawn at random;
     * ``replay_least_known``: the rows of the calibration sample (trained rows the proxy scored today, see the
       score stage) with the highest ppl, the trained facts production holds most weakly; the calibration rows
-      are the score stage's draw, read again.
+      are the score stage's draw, read again;
+    * ``replay_stream``: rows trained from earlier batch days, at random -- the facts the stream taught, which
+      a draw over every trained row rarely reaches while the base model's reference rows outnumber them.
 
     ``draw_name`` tells apart the random draws of one day (each epoch's, see :func:`_replay_per_epoch`).
     """
@@ -99,6 +101,10 @@ def _replay(ws: Workspace, history: History, date: str, count: int, chosen: list
         ppl = np.asarray(calibration["ppl"], dtype=float)
         order = np.lexsort((np.arange(len(ppl)), -ppl))  # highest ppl first, ties in sample order
         taken += [sample[k] for k in sorted(order[:weakest_count].tolist())]
+    stream_count = round(config.replay_stream * count)
+    if stream_count:
+        taken += history.sample_records(TRAINED, stream_count, seed=seed("replay-stream"), before=date,
+                                        after=REFERENCE_DATE)
     drawn = history.sample_records(TRAINED, count, seed=seed("replay"), before=date)
     replay: dict[str, dict[str, Any]] = {}  # by the row's bytes: the parts may pick one row twice
     for record in taken + drawn:  # each share rounds on its own, so together they may pass ``count``: cut
