@@ -49,6 +49,9 @@ def test_shared_words_decide_and_ties_go_to_the_lower_index() -> None:
 
 
 def test_replay_shares_cannot_exceed_the_replay() -> None:
-    SelectConfig(replay_least_known=0.5, replay_similar=0.5)
+    SelectConfig(replay_least_known=0.5, replay_similar=0.5, replay_stream=0.0)
+    SelectConfig(replay_least_known=0.25, replay_similar=0.5, replay_stream=0.25)
     with pytest.raises(ValidationError, match="more than the whole replay"):
-        SelectConfig(replay_least_known=0.6, replay_similar=0.5)
+        SelectConfig(replay_least_known=0.6, replay_similar=0.5, replay_stream=0.0)
+    with pytest.raises(ValidationError, match=r"replay_stream \(0.25\) is more than the whole replay"):
+        SelectConfig(replay_least_known=0.5, replay_similar=0.5)

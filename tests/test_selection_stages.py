@@ -102,7 +102,7 @@ def test_least_known_replay_takes_the_weakest_trained_rows(selected_world, tmp_p
 
     source, _ = selected_world
     shutil.copytree(source.root, tmp_path / "ws", symlinks=True)
-    ws = set_params(Workspace.open(tmp_path / "ws"), {"select": {"replay_least_known": 1.0,
+    ws = set_params(Workspace.open(tmp_path / "ws"), {"select": {"replay_least_known": 1.0, "replay_stream": 0.0,
                                                                       "replay_per_epoch": False}})
     date = DATES[2]
     run_stage(ws, "select", date)
@@ -128,7 +128,8 @@ def test_replay_from_todays_known_rows_and_similar_trained_rows(selected_world, 
 
     source, _ = selected_world
     shutil.copytree(source.root, tmp_path / "ws", symlinks=True)
-    ws = set_params(Workspace.open(tmp_path / "ws"), {"select": {**shares, "replay_per_epoch": False}})
+    ws = set_params(Workspace.open(tmp_path / "ws"), {"select": {**shares, "replay_stream": 0.0,
+                                                                      "replay_per_epoch": False}})
     date = DATES[2]
     run_stage(ws, "select", date)
     funnel = json.loads((ws.reports(date) / "selection.json").read_text())["funnel"]
