@@ -157,3 +157,28 @@ def test_training_modules_import_no_heavy_library() -> None:
             f"print([m for m in {HEAVY!r} if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize(("text", "backend"), [
+    ("select:\n  seed: 1\ntrain:\n  backend: kubernetes\n  epochs: 3\n# a comment\nevaluate: {}\n", "kubernetes"),
+    ("train:\n\n  # blank and comment lines stay in the section\n  epochs: 3\n\n  backend: kubernetes\n", "kubernetes"),
+    ("train: {backend: kubernetes}\n", "kubernetes"),
+    ("x: &pod {backend: kubernetes}\ntrain: *pod\n", "kubernetes"),  # an alias to another section: whole file
+    ("select:\n  seed: 1\n", "local"),  # no train section: the default
+    ("", "local"),
+])
+def test_dag_files_read_the_training_backend_from_the_train_section(tmp_path: Path, text: str,
+                                                                     backend: str) -> None:
+    from ctune_ops.airflow.dags import _train_backend
+
+    (tmp_path / "params.yaml").write_text(text)
+    assert _train_backend(str(tmp_path)) == backend
+    assert _train_backend(str(tmp_path / "missing")) == "local"
+
+
+def test_dag_files_name_the_line_of_a_wrong_backend(tmp_path: Path) -> None:
+    from ctune_ops.airflow.dags import _train_backend
+
+    (tmp_path / "params.yaml").write_text("train:\n  epochs: 3\n  backend: slurm\n")
+    with pytest.raises(ConfigError, match=r"params.yaml:3: key 'train.backend'"):
+        _train_backend(str(tmp_path))
