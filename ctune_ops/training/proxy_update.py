@@ -68,6 +68,9 @@ def train_proxy(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], prom
     random.seed(config.seed)
     torch.manual_seed(config.seed)
     examples = encode_examples(tokenizer, rows, prompt, config.max_length)
+    # rows naming their epochs (a replay drawn per training epoch) join the proxy's epochs of the same numbers:
+    # with proxy.epochs below train.epochs, the draws of the later training epochs are left out (8 of 12 by
+    # default), so each proxy epoch keeps the training's mix of new and replayed rows
     plan = plan_batches([len(e.input_ids) for e in examples], config.batch_size, config.epochs, config.seed,
                         [row.get(EPOCHS) for row in rows])
     total_steps = math.ceil(len(plan) / config.grad_accumulation)
