@@ -78,9 +78,9 @@ def _train_backend(workspace: str) -> str:
     Read with plain YAML, not the typed config (building its models would cost a DAG file 25 ms on every parse),
     over the ``train:`` section alone where it stands as a block of its own (the whole file is ~35 sections'
     worth of objects: 4-5 ms of a ~10 ms parse), with libyaml's loader where PyYAML has it (the pure-Python one
-    takes ~9x as long). A section that does not load alone (an alias to another section, flow style) falls back
-    to the whole file; a value that is not a known backend loads the typed config, whose error names the file,
-    line and key.
+    takes ~9x as long). A section that does not load alone (an alias to an anchor in another section) falls
+    back to the whole file, and so does a file without a ``train:`` line; a value that is not a known backend
+    loads the typed config, whose error names the file, line and key.
     """
     from pathlib import Path
 
