@@ -650,7 +650,13 @@ class ProxyConfig(TrainHyperparameters):
     low-rank update); ``lora`` trains or continues a LoRA adapter over ``models.proxy_base`` with ``lora``'s
     settings (for a large proxy). Alignment: Spearman rho between the proxy's and the candidate model's per-row
     ``L_cond`` on up to ``probe_rows`` rows of the day that were not trained; below ``rho_min`` the report flags
-    it.
+    it. ``replay_weakest``: that many rows of the day's calibration sample (rows trained into production, scored
+    by the proxy before its update) with the highest ppl join every proxy epoch, so a fully fine-tuned proxy does
+    not forget the tail of what production holds (that tail sets ``tau_known``). ``new_loss: distill`` trains
+    the day's new rows towards the candidate's top-``distill_top_k`` next-token distributions on them instead of
+    their labels (the candidate and the proxy must share a tokenizer): a tiny proxy fine-tuned on every weight
+    learns a handful of rows far better than a LoRA adapter does, and would then call the facts production
+    failed to learn known.
     """
 
     update: bool = Field(default=True, description="false: the proxy is never trained (static selection)")
@@ -659,6 +665,12 @@ class ProxyConfig(TrainHyperparameters):
     epochs: int = Field(default=8, ge=1)
     probe_rows: int = Field(default=256, ge=3)
     rho_min: float = Field(default=0.5, ge=-1, le=1)
+    replay_weakest: int = Field(default=0, ge=0, description="calibration rows with the highest ppl the proxy "
+                                "also trains on, every epoch (0: none)")
+    new_loss: Literal["labels", "distill"] = Field(
+        default="labels", description="what the proxy learns the day's new rows from: their labels, or the "
+        "candidate's own next-token distributions on them (the proxy then knows them as well as production does)")
+    distill_top_k: int = Field(default=64, ge=1, description="the candidate's most likely tokens kept per position")
     threads: int = Field(default=0, ge=0, description="torch CPU threads; 0 leaves torch's default")
 
 

@@ -78,10 +78,13 @@ def _scoring_tokens(ws: Workspace, date: str) -> int:
 
 
 def _proxy_tokens(train: dict[str, Any], proxy: dict[str, Any]) -> int:
-    """Tokens the proxy update read: the same training set as the deployed model, for the proxy's epochs."""
+    """Tokens the proxy update read: as its report counts them, or (a report from before it did) the deployed
+    model's training set less the rehearsal pass, for the proxy's epochs."""
     fit = proxy.get("training")
     if not fit or not train.get("epochs"):
         return 0  # static arm: no update
+    if "tokens_seen" in fit:
+        return int(fit["tokens_seen"])
     rehearsal = train.get("rehearsal") or {}
     rehearsed = rehearsal.get("tokens_seen", 0)  # the proxy skips the rehearsal pass
     return round((train["tokens_seen"] - rehearsed) / train["epochs"] * fit["epochs"])
@@ -150,7 +153,10 @@ def run_day(ws: Workspace, arm: str, date: str) -> dict[str, Any]:
         "repair_rounds": len((repair.get("rehearsed") or {}).get("rounds", [])),
         "tokens": {"train": train.get("tokens_seen", 0) + rehearsed.get("tokens_seen", 0),
                    "score": _scoring_tokens(ws, date),
-                   "proxy_update": _proxy_tokens(train, proxy), "teacher": train.get("teacher_tokens", 0)},
+                   "proxy_update": _proxy_tokens(train, proxy),
+                   # the deployed model's forward passes that teach: over distilled replay rows in training, over
+                   # the day's new rows for a distilling proxy update
+                   "teacher": train.get("teacher_tokens", 0) + (proxy.get("training") or {}).get("teacher_tokens", 0)},
         "wall_s": {"score": walls["score"], "train": walls["train"], "proxy": walls["proxy"],
                    "evaluate": walls["evaluate"], "repair": walls["repair"]},
         "production": scores,

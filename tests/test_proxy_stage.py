@@ -109,3 +109,80 @@ def test_lora_cannot_build_on_a_full_promoted_proxy(updated_world, tmp_path) -> 
     shutil.copytree(ws.candidates(DATE) / "proxy", ws.root / "models" / "proxy")  # a promoted full proxy
     with pytest.raises(StageError, match="key 'proxy.method': lora, but the promoted proxy .* is a full model"):
         run_stage(ws, "proxy", DATE)
+
+
+def test_proxy_relearns_the_trained_rows_it_holds_most_weakly(updated_world, tmp_path) -> None:  # noqa: ANN001
+    """proxy.replay_weakest: the calibration rows with the highest ppl join the proxy's training, and the updated
+    proxy holds them better than the one trained without them (and better than before its update)."""
+    import pyarrow.parquet as pq
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ctune_ops.records import read_jsonl
+    from ctune_ops.stages.dedup import open_history
+    from ctune_ops.stages.proxy import conditioned_losses
+    from ctune_ops.stages.score import calibration_path, least_known
+
+    count = 16
+    root = tmp_path / "ws"
+    shutil.copytree(updated_world.root, root, symlinks=True)
+    ws = set_params(Workspace.open(root), {"proxy": {"replay_weakest": count}})
+    run_stage(ws, "proxy", DATE)
+    fit = json.loads((ws.reports(DATE) / "proxy.json").read_text())["training"]
+    training = [r for r in read_jsonl(ws.selected(DATE)) if r["selection"] != "rehearse"]
+    assert 0 < fit["weakest_rows"] <= count and fit["rows"] == len(training) + fit["weakest_rows"]
+
+    calibration = pq.read_table(calibration_path(ws, DATE)).to_pydict()
+    with open_history(ws) as history:
+        weakest = least_known(ws, history, DATE, calibration, count)
+    before = dict(zip(calibration["id"], calibration["ppl"], strict=True))
+    assert min(before[str(r["id"])] for r in weakest) >= np.quantile(calibration["ppl"], 0.95)
+
+    def ppl(folder) -> float:  # noqa: ANN001
+        model, tokenizer = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+        return float(np.mean(np.exp(conditioned_losses(model.eval(), tokenizer, weakest, ws))))
+
+    with_them, without = ppl(ws.candidates(DATE) / "proxy"), ppl(updated_world.candidates(DATE) / "proxy")
+    assert with_them < without and with_them < np.mean([before[str(r["id"])] for r in weakest]), (with_them, without)
+
+
+def test_distilling_proxy_knows_the_new_rows_as_the_candidate_does(updated_world, tmp_path) -> None:  # noqa: ANN001
+    """proxy.new_loss distill: the day's new rows learn the candidate's distributions, so the updated proxy's ppl on
+    them lands nearer the candidate's than a proxy trained on their labels (which learns them far better than a
+    LoRA adapter does)."""
+    from ctune_ops.records import read_jsonl
+    from ctune_ops.selection.proxy_model import load_scoring_model
+    from ctune_ops.stages.proxy import conditioned_losses
+
+    root = tmp_path / "ws"
+    shutil.copytree(updated_world.root, root, symlinks=True)
+    ws = set_params(Workspace.open(root), {"proxy": {"new_loss": "distill"}})
+    run_stage(ws, "proxy", DATE)
+    fit = json.loads((ws.reports(DATE) / "proxy.json").read_text())["training"]
+    new = [r for r in read_jsonl(ws.selected(DATE)) if r["selection"] == "new"]
+    assert fit["distilled_rows"] == len(new) > 0 and fit["teacher_tokens"] > 0
+
+    def losses(base, adapter=None) -> np.ndarray:  # noqa: ANN001
+        model, tokenizer = load_scoring_model(str(base), adapter and str(adapter), "cpu")
+        return conditioned_losses(model, tokenizer, new, ws)
+
+    candidate = losses(ws.root / "models" / "base", ws.candidates(DATE) / "adapter")
+    distilled = np.abs(losses(ws.candidates(DATE) / "proxy") - candidate).mean()
+    labelled = np.abs(losses(updated_world.candidates(DATE) / "proxy") - candidate).mean()
+    assert distilled < labelled, (distilled, labelled)
+
+
+def test_distilling_needs_a_shared_tokenizer(updated_world, tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    from ctune_ops.selection import proxy_model
+
+    root = tmp_path / "ws"
+    shutil.copytree(updated_world.root, root, symlinks=True)
+    ws = set_params(Workspace.open(root), {"proxy": {"new_loss": "distill"}})
+    load = proxy_model.load_scoring_model
+
+    class OtherTokenizer:
+        def get_vocab(self) -> dict[str, int]:
+            return {"<other>": 0}
+
+    monkeypatch.setattr(proxy_model, "load_scoring_model", lambda *a: (load(*a)[0], OtherTokenizer()))
+    with pytest.raises(StageError, match="key 'proxy.new_loss': distill needs the proxy .* to share a tokenizer"):
+        run_stage(ws, "proxy", DATE)

@@ -25,9 +25,10 @@ from typing import Any
 
 import numpy as np
 
+from ctune_ops.records import dumps_record
 from ctune_ops.stages import StageError, StageResult
-from ctune_ops.stages.dedup import read_stage_input, require_input, write_report
-from ctune_ops.training.data import NEW, REHEARSE
+from ctune_ops.stages.dedup import open_history, read_stage_input, require_input, write_report
+from ctune_ops.training.data import EPOCHS, NEW, REHEARSE, SELECTION
 from ctune_ops.workspace import Workspace
 
 STAGE = "proxy"
@@ -35,6 +36,7 @@ REPORT_FILE = "proxy.json"
 PROXY_DIR = "proxy"
 SCORE_DIGITS = 4
 MIN_PROBE_ROWS = 3  # fewer rows have no meaningful rank correlation
+TRAINING_KEYS = (SELECTION, EPOCHS)  # what select adds to a row of data/selected/D.jsonl
 log = logging.getLogger(__name__)
 
 
@@ -65,6 +67,29 @@ def conditioned_losses(model: Any, tokenizer: Any, records: list[dict[str, Any]]
     losses, _ = sequence_losses(model, [[*r.prompt, *r.output] for r in rows], [len(r.prompt) for r in rows], pad,
                                 config.score.batch_tokens, config.score.batch_rows)
     return np.asarray(losses, dtype=float)
+
+
+def _weakest_trained(ws: Workspace, date: str, training: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``proxy.replay_weakest`` rows of the day's calibration sample that the proxy scored highest (trained rows
+    it holds most weakly), less those the training set holds already; every proxy epoch trains them.
+
+    Why: the full fine-tune on the stream's rows slowly overwrites the base corpus's rarer facts in a tiny
+    proxy, while production (a LoRA adapter over a frozen base) keeps them; the calibration sample's highest
+    ppl rows are where that shows, and they set ``tau_known`` (its high quantile), which then climbs until new
+    facts pass for known.
+    """
+    count = ws.config.proxy.replay_weakest
+    if not count:
+        return []
+    import pyarrow.parquet as pq
+
+    from ctune_ops.stages.score import calibration_path, least_known
+
+    calibration = pq.read_table(require_input(calibration_path(ws, date), ws, "score")).to_pydict()
+    with open_history(ws) as history:
+        weakest = least_known(ws, history, date, calibration, count)
+    held = {dumps_record({k: v for k, v in r.items() if k not in TRAINING_KEYS}) for r in training}
+    return [r for r in weakest if dumps_record(r) not in held]
 
 
 def _skipped(ws: Workspace, date: str) -> StageResult:
@@ -104,8 +129,16 @@ def run(ws: Workspace, date: str) -> StageResult:
         raise StageError(f"cannot load the proxy from {location}: {exc}") from None
     # the proxy learns what the candidate learned new (and its replay); the rehearsal pass only restores what
     # production knew, which the proxy, never drifted by the main epochs, still knows
-    fit = train_proxy(model, tokenizer, [r for r in training if r.get("selection") != REHEARSE],
-                      ws.config.models.prompt, config, device)
+    rows = [r for r in training if r.get("selection") != REHEARSE]
+    weakest = _weakest_trained(ws, date, rows)
+    candidate, candidate_tokenizer = load_scoring_model(ws.model_path(ws.config.models.base), str(adapter), device)
+    if config.new_loss == "distill" and candidate_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise StageError(f"params.yaml: key 'proxy.new_loss': distill needs the proxy ({ws.shown(location)}) and "
+                         f"models.base ({ws.config.models.base}) to share a tokenizer; theirs differ. Use "
+                         "new_loss: labels, or a proxy of the deployed model's family")
+    fit = train_proxy(model, tokenizer, rows + weakest, ws.config.models.prompt, config, device,
+                      teacher_model=candidate if config.new_loss == "distill" else None)
+    fit["weakest_rows"] = len(weakest)
     out_dir = ws.candidates(date) / PROXY_DIR
     save_proxy(model, tokenizer, out_dir, base_name=ws.config.models.proxy_base)
 
@@ -117,8 +150,6 @@ def run(ws: Workspace, date: str) -> StageResult:
         pool = [r for r in unique if str(r["id"]) not in trained_ids]
         probe = random.Random(f"{config.seed}:{date}:probe").sample(pool, min(config.probe_rows, len(pool)))
         proxy_loss = conditioned_losses(scorer, tokenizer, probe, ws)
-        candidate, candidate_tokenizer = load_scoring_model(ws.model_path(ws.config.models.base), str(adapter),
-                                                            device)
         candidate_loss = conditioned_losses(candidate, candidate_tokenizer, probe, ws)
     rho = spearman(proxy_loss, candidate_loss) if len(probe) >= MIN_PROBE_ROWS else float("nan")
     tau = selection.get("tau_known")

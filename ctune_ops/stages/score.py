@@ -13,11 +13,13 @@ import logging
 import time
 from typing import Any
 
+import numpy as np
+
 from ctune_ops.config import SelectConfig
 from ctune_ops.selection.history import TRAINED, History
 from ctune_ops.selection.proxy_model import load_proxy
 from ctune_ops.selection.scorer import Scores, score_rows, tokenize_rows
-from ctune_ops.stages import StageResult
+from ctune_ops.stages import StageError, StageResult
 from ctune_ops.stages.dedup import open_history, read_stage_input, write_report
 from ctune_ops.workspace import Workspace, atomic_write_bytes
 
@@ -35,6 +37,23 @@ def calibration_sample(history: History, select: SelectConfig, date: str) -> lis
     them): a reproducible draw of ``select.calibration_rows`` rows trained before ``date``."""
     return history.sample_records(TRAINED, select.calibration_rows, seed=f"{select.seed}:{date}:calibration",
                                   before=date)
+
+
+def least_known(ws: Workspace, history: History, date: str, calibration: dict[str, list[Any]],
+                count: int) -> list[dict[str, Any]]:
+    """The ``count`` rows of the day's calibration sample with the highest ppl under the proxy that scored them
+    (the trained rows production, as the proxy sees it, holds most weakly), in sample order.
+
+    ``calibration`` is the score stage's calibration parquet, read; the sample is drawn again from the history
+    (the parquet holds scores, not rows) and must be the same rows.
+    """
+    sample = calibration_sample(history, ws.config.select, date)
+    if [str(r["id"]) for r in sample] != calibration["id"]:
+        raise StageError(f"{calibration_path(ws, date).relative_to(ws.root)} is not the calibration sample of "
+                         f"state/history.sqlite for {date}: rerun the score stage for this date")
+    ppl = np.asarray(calibration["ppl"], dtype=float)
+    order = np.lexsort((np.arange(len(ppl)), -ppl))  # highest ppl first, ties in sample order
+    return [sample[k] for k in sorted(order[:count].tolist())]
 
 
 def write_parquet(path: Any, columns: dict[str, list[Any]]) -> None:

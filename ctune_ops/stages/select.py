@@ -29,7 +29,7 @@ from ctune_ops.selection.replay import most_similar
 from ctune_ops.stages import StageError, StageResult
 from ctune_ops.stages.dedup import REPORT_FILE as DEDUP_REPORT
 from ctune_ops.stages.dedup import open_history, read_stage_input, require_input, write_report
-from ctune_ops.stages.score import calibration_path, calibration_sample, write_parquet
+from ctune_ops.stages.score import calibration_path, least_known, write_parquet
 from ctune_ops.training.data import EPOCHS, NEW, REHEARSE, REPLAY
 from ctune_ops.workspace import Workspace
 
@@ -94,13 +94,7 @@ def _replay(ws: Workspace, history: History, date: str, count: int, chosen: list
         taken += [pool[k] for k in most_similar(turns, pool, similar_count)]
     weakest_count = round(config.replay_least_known * count)
     if weakest_count:
-        sample = calibration_sample(history, config, date)
-        if [str(r["id"]) for r in sample] != calibration["id"]:
-            raise StageError(f"{calibration_path(ws, date).relative_to(ws.root)} is not the calibration sample of "
-                             f"state/history.sqlite for {date}: rerun the score stage for this date")
-        ppl = np.asarray(calibration["ppl"], dtype=float)
-        order = np.lexsort((np.arange(len(ppl)), -ppl))  # highest ppl first, ties in sample order
-        taken += [sample[k] for k in sorted(order[:weakest_count].tolist())]
+        taken += least_known(ws, history, date, calibration, weakest_count)
     stream_count = round(config.replay_stream * count)
     if stream_count:
         taken += history.sample_records(TRAINED, stream_count, seed=seed("replay-stream"), before=date,

@@ -22,6 +22,7 @@ from ctune_ops.records import read_jsonl
 IGNORE_INDEX = -100  # the label torch's cross entropy skips: prompt tokens and padding
 # ``selection`` of a row in data/selected/D.jsonl (the select stage writes it; absent = new): a row selected
 # today, a replayed earlier row (both in the main epochs), a row for the rehearsal pass after them
+SELECTION = "selection"
 NEW, REPLAY, REHEARSE = "new", "replay", "rehearse"
 # ``epochs`` of a row: the main epochs (0-based) it is trained in; absent = every epoch. The select stage gives
 # replayed rows their own epochs when the replay is drawn anew for each epoch (``select.replay_per_epoch``)

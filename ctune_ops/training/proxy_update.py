@@ -20,8 +20,8 @@ from typing import Any
 
 from ctune_ops.config import PromptConfig, ProxyConfig
 from ctune_ops.training.checkpoint import trainable_parameters
-from ctune_ops.training.data import EPOCHS, encode_examples, plan_batches
-from ctune_ops.training.loop import ADAM_BETAS, learning_rate, optimizer_step, pick_runtime
+from ctune_ops.training.data import EPOCHS, NEW, SELECTION, encode_examples, plan_batches
+from ctune_ops.training.loop import ADAM_BETAS, learning_rate, optimizer_step, pick_runtime, teacher_targets
 from ctune_ops.workspace import atomic_directory
 
 log = logging.getLogger(__name__)
@@ -59,8 +59,13 @@ def load_trainable_proxy(location: str, is_adapter: bool, proxy_base: str, confi
 
 
 def train_proxy(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], prompt: PromptConfig,
-                config: ProxyConfig, device: str, progress: Callable[[str], None] = log.info) -> dict[str, Any]:
-    """Fine-tune ``model`` in place on ``rows`` (loss on response tokens only); returns the run's figures."""
+                config: ProxyConfig, device: str, progress: Callable[[str], None] = log.info,
+                teacher_model: Any | None = None) -> dict[str, Any]:
+    """Fine-tune ``model`` in place on ``rows`` (loss on response tokens only); returns the run's figures.
+
+    With ``teacher_model`` (the candidate; ``proxy.new_loss: distill``), the rows selected today learn its
+    next-token distributions instead of their labels (:func:`ctune_ops.training.loop.teacher_targets`, one
+    forward pass of the teacher per row, before the first step)."""
     import torch
 
     started = time.perf_counter()
@@ -73,6 +78,13 @@ def train_proxy(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], prom
     # default), so each proxy epoch keeps the training's mix of new and replayed rows
     plan = plan_batches([len(e.input_ids) for e in examples], config.batch_size, config.epochs, config.seed,
                         [row.get(EPOCHS) for row in rows])
+    distilled = ([i for i, row in enumerate(rows) if row.get(SELECTION, NEW) == NEW]
+                 if teacher_model is not None else [])
+    teacher = None
+    if distilled:
+        teacher = teacher_targets(teacher_model, examples, distilled, config.distill_top_k, tokenizer.pad_token_id,
+                                  runtime, config.batch_size)
+        teacher_model.eval()  # teacher_targets leaves a model in training mode
     total_steps = math.ceil(len(plan) / config.grad_accumulation)
     warmup_steps = int(total_steps * config.warmup_fraction)
     params = [p for _, p in trainable_parameters(model)]
@@ -84,7 +96,7 @@ def train_proxy(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], prom
             group["lr"] = learning_rate(step, total_steps, warmup_steps, config.learning_rate, config.schedule)
         micro_batches = plan[step * config.grad_accumulation : (step + 1) * config.grad_accumulation]
         losses.append(optimizer_step(model, optimizer, params, examples, micro_batches, tokenizer.pad_token_id,
-                                     runtime, config.max_grad_norm))
+                                     runtime, config.max_grad_norm, teacher))
         if (step + 1) % LOG_EVERY_STEPS == 0 or step + 1 == total_steps:
             recent = losses[-LOG_EVERY_STEPS:]
             progress(f"proxy step {step + 1}/{total_steps} loss {sum(recent) / len(recent):.4f}")
@@ -97,6 +109,9 @@ def train_proxy(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], prom
         "learning_rate": config.learning_rate,
         "trainable_parameters": sum(p.numel() for p in params),
         "response_tokens": sum(examples[i].response_tokens for batch in plan for i in batch),
+        "tokens_seen": sum(len(examples[i].input_ids) for batch in plan for i in batch),
+        "distilled_rows": len(distilled),
+        "teacher_tokens": sum(len(examples[i].input_ids) for i in distilled),  # one teacher forward pass each
         "first_loss": round(losses[0], LOSS_DIGITS) if losses else None,
         "final_loss": round(losses[-1], LOSS_DIGITS) if losses else None,
         "loss_curve": losses,
