@@ -1,7 +1,9 @@
 """The proxy stage (DESIGN §3.6): the proxy learns what the candidate learned, and we check they still agree.
 
 Reads ``data/selected/D.jsonl`` (the training set the train stage used), ``models/candidates/D/adapter`` (the
-candidate), ``data/unique/D.jsonl`` (the probe rows) and ``reports/D/selection.json`` (the day's ``tau_known``).
+candidate), ``data/unique/D.jsonl`` (the probe rows) and ``reports/D/selection.json`` (the day's ``tau_known``);
+with ``proxy.replay_weakest``, ``data/scored/D.calibration.parquet`` too. With ``proxy.new_loss: distill`` the
+candidate also teaches: the proxy learns the day's new rows from its distributions, not their labels.
 Writes ``models/candidates/D/proxy`` (promotion moves it to ``models/proxy``) and ``reports/D/proxy.json``:
 
 * the proxy's training run (rows, steps, loss);
