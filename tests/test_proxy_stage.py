@@ -155,11 +155,12 @@ def test_distilling_proxy_knows_the_new_rows_as_the_candidate_does(updated_world
 
     root = tmp_path / "ws"
     shutil.copytree(updated_world.root, root, symlinks=True)
-    ws = set_params(Workspace.open(root), {"proxy": {"new_loss": "distill"}})
+    ws = set_params(Workspace.open(root), {"proxy": {"new_loss": "distill", "replay_weakest": 8}})
     run_stage(ws, "proxy", DATE)
     fit = json.loads((ws.reports(DATE) / "proxy.json").read_text())["training"]
     new = [r for r in read_jsonl(ws.selected(DATE)) if r["selection"] == "new"]
-    assert fit["distilled_rows"] == len(new) > 0 and fit["teacher_tokens"] > 0
+    # the day's new rows are distilled; replayed and weakest rows (trained before) keep their labels
+    assert fit["distilled_rows"] == len(new) > 0 and fit["teacher_tokens"] > 0 and fit["weakest_rows"] > 0
 
     def losses(base, adapter=None) -> np.ndarray:  # noqa: ANN001
         model, tokenizer = load_scoring_model(str(base), adapter and str(adapter), "cpu")

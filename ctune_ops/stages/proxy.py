@@ -30,7 +30,7 @@ import numpy as np
 from ctune_ops.records import dumps_record
 from ctune_ops.stages import StageError, StageResult
 from ctune_ops.stages.dedup import open_history, read_stage_input, require_input, write_report
-from ctune_ops.training.data import EPOCHS, NEW, REHEARSE, SELECTION
+from ctune_ops.training.data import EPOCHS, NEW, REHEARSE, REPLAY, SELECTION
 from ctune_ops.workspace import Workspace
 
 STAGE = "proxy"
@@ -91,7 +91,7 @@ def _weakest_trained(ws: Workspace, date: str, training: list[dict[str, Any]]) -
     with open_history(ws) as history:
         weakest = least_known(ws, history, date, calibration, count)
     held = {dumps_record({k: v for k, v in r.items() if k not in TRAINING_KEYS}) for r in training}
-    return [r for r in weakest if dumps_record(r) not in held]
+    return [{**r, SELECTION: REPLAY} for r in weakest if dumps_record(r) not in held]  # trained before: no new row
 
 
 def _skipped(ws: Workspace, date: str) -> StageResult:
