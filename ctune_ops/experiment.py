@@ -299,6 +299,14 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any]) -> str:
     lines += ["", "| target | measured | wanted | met |", "|---|---|---|---|"]
     for name, t in summary["targets"].items():
         lines.append(f"| {name} | {t['value']} | {t['target']} | {t['met']} |")
+    by_day = summary.get("final_target_by_fact_day") or {}
+    days = sorted({day for counts in by_day.values() for day in counts})
+    if days:
+        lines += ["", "final ctune_target items right, by the day their facts were introduced:", "",
+                  "| arm | " + " | ".join(days) + " |", "|---|" + "---|" * len(days)]
+        for arm, counts in by_day.items():
+            lines.append(f"| {arm} | " + " | ".join(
+                f"{counts[d]['right']} / {counts[d]['items']}" if d in counts else "-" for d in days) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -351,6 +359,18 @@ def _cumulative(values: list[float]) -> list[float]:
     return out
 
 
+def final_target_by_fact_day(ws: Workspace, date: str) -> dict[str, dict[str, int]]:
+    """The arm's production model after its last day: its ctune_target items right, by the day each fact came
+    (facts never learned on their day against facts lost later; :func:`ctune_ops.world.measure.target_by_fact_day`).
+    """
+    from ctune_ops.registry import DEPLOYED
+    from ctune_ops.world.measure import target_by_fact_day
+
+    deployed = ws.root / DEPLOYED
+    adapter = str(deployed) if (deployed / "adapter_config.json").exists() else None  # none promoted: the base
+    return target_by_fact_day(ws, adapter, date)
+
+
 def run_experiment(root: Path, days: int, small: bool = False, arms: tuple[str, ...] = ARM_ORDER,
                    progress: PROGRESS = print) -> dict[str, Any]:
     """The whole experiment; results in ``<root>/reports/experiment/`` (JSON, markdown, PNG)."""
@@ -365,11 +385,13 @@ def run_experiment(root: Path, days: int, small: bool = False, arms: tuple[str, 
     arms_dir = root.parent / f"{root.name}-arms"
     counts: dict[str, int] = {}
     rows: list[dict[str, Any]] = []
+    by_fact_day: dict[str, dict[str, dict[str, int]]] = {}
     for arm in sorted(arms, key=ARM_ORDER.index):
         arm_started = time.perf_counter()
         rows += run_arm(base, arm, dates, arms_dir, counts, progress)
+        by_fact_day[arm] = final_target_by_fact_day(Workspace.open(arms_dir / arm), dates[-1])
         progress(f"  {arm} took {time.perf_counter() - arm_started:.0f}s")
-    summary = summarise(rows, sizes, dates)
+    summary = {**summarise(rows, sizes, dates), "final_target_by_fact_day": by_fact_day}
     folder = root / "reports" / "experiment"
     folder.mkdir(parents=True, exist_ok=True)
     result = {"days": dates, "small": small, "rows": rows, **summary,

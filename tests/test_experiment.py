@@ -43,3 +43,11 @@ def test_small_experiment(small_world, tmp_path) -> None:  # noqa: ANN001
     assert set(result["targets"]) >= {"train_tokens_share", "flops_share_7b_0.5b", "final_ctune_target_vs_all",
                                       "earlier_drop_recall_vs_static", "final_ctune_target_vs_random"}
     assert not (tmp_path / "base-arms" / "static" / "models" / "proxy").exists()  # the day-0 proxy, never replaced
+    # the final model's target items by the day their facts came, scored as lm-eval does: its totals are the gate's
+    by_day = json.loads((folder / "results.json").read_text())["final_target_by_fact_day"]
+    assert set(by_day) == set(ARM_ORDER)
+    for arm, counts in by_day.items():
+        assert sorted(counts) == result["days"], counts
+        right, items = (sum(c[k] for c in counts.values()) for k in ("right", "items"))
+        assert items > 0 and abs(right / items - arms[arm]["final"]["ctune_target"]) < 1e-9, (arm, counts)
+    assert "by the day their facts were introduced" in (folder / "results.md").read_text()
