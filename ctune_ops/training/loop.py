@@ -155,11 +155,13 @@ def teacher_targets(model: Any, examples: Sequence[Example], indices: Sequence[i
                     runtime: Runtime, batch_size: int) -> TeacherTargets:
     """The model's own top-``top_k`` next-token distribution at every response position of ``indices``.
 
-    Called before the first optimizer step, when the model is still production, with dropout off. The positions
-    are those the loss scores (logit ``t`` predicts label ``t + 1``), in order."""
+    Called before the first optimizer step, when the model is still production, with dropout off (the model's
+    mode is restored after). The positions are those the loss scores (logit ``t`` predicts label ``t + 1``), in
+    order."""
     import torch
 
     targets: TeacherTargets = {}
+    was_training = model.training
     model.eval()
     with torch.no_grad():  # not inference_mode: its tensors could not enter the training loss's graph
         for start in range(0, len(indices), batch_size):
@@ -170,7 +172,7 @@ def teacher_targets(model: Any, examples: Sequence[Example], indices: Sequence[i
             for row, index in enumerate(batch):
                 probs, ids = logits[row][scored[row]].softmax(-1).topk(min(top_k, logits.shape[-1]), dim=-1)
                 targets[index] = (ids, probs)
-    model.train()
+    model.train(was_training)
     return targets
 
 

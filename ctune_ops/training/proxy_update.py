@@ -80,11 +80,8 @@ def train_proxy(model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], prom
                         [row.get(EPOCHS) for row in rows])
     distilled = ([i for i, row in enumerate(rows) if row.get(SELECTION, NEW) == NEW]
                  if teacher_model is not None else [])
-    teacher = None
-    if distilled:
-        teacher = teacher_targets(teacher_model, examples, distilled, config.distill_top_k, tokenizer.pad_token_id,
-                                  runtime, config.batch_size)
-        teacher_model.eval()  # teacher_targets leaves a model in training mode
+    teacher = (teacher_targets(teacher_model, examples, distilled, config.distill_top_k, tokenizer.pad_token_id,
+                               runtime, config.batch_size) if distilled else None)
     total_steps = math.ceil(len(plan) / config.grad_accumulation)
     warmup_steps = int(total_steps * config.warmup_fraction)
     params = [p for _, p in trainable_parameters(model)]
