@@ -49,6 +49,37 @@ def evaluate(
     cache_dir: Path | None = None,
 ) -> dict[str, dict[str, float]]:
     """Score ``model`` (a folder, or an already built ``HFLM``) on the tasks; returns per task acc, acc_norm, n."""
+    configs, results = _simple_evaluate(model, task_files, peft=peft, device=device, limit=limit,
+                                        batch_size=batch_size, cache_dir=cache_dir, log_samples=False)
+    scores = {}
+    for config in configs:
+        name = config["task"]
+        row = results["results"][name]
+        scores[name] = {metric: float(row[f"{metric},none"]) for metric in METRICS if f"{metric},none" in row}
+        scores[name]["n"] = int(results["n-samples"][name]["effective"])
+    return scores
+
+
+def item_scores(
+    model: str | Any,
+    task_file: Path,
+    metric: str,
+    *,
+    peft: str | None = None,
+    device: str = "auto",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    cache_dir: Path | None = None,
+) -> list[tuple[dict[str, Any], float]]:
+    """Each item of one task with its ``metric`` (lm-eval's per-sample log), in the task's order: for breaking
+    a score down by a field of the items, scored exactly as :func:`evaluate` scores the task."""
+    configs, results = _simple_evaluate(model, [task_file], peft=peft, device=device, limit=None,
+                                        batch_size=batch_size, cache_dir=cache_dir, log_samples=True)
+    return [(sample["doc"], float(sample[metric])) for sample in results["samples"][configs[0]["task"]]]
+
+
+def _simple_evaluate(model: str | Any, task_files: list[Path], *, peft: str | None, device: str, limit: int | None,
+                     batch_size: int, cache_dir: Path | None, log_samples: bool) -> tuple[list[dict[str, Any]], Any]:
+    """lm-eval's ``simple_evaluate`` on the task YAMLs, offline: their configs and lm-eval's results."""
     os.environ.update(OFFLINE_ENV)
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # per-task notes about defaults it fills in
@@ -65,12 +96,6 @@ def evaluate(
     )
     results = lm_eval.simple_evaluate(
         model=lm, tasks=configs, task_manager=manager, limit=limit,
-        bootstrap_iters=0, log_samples=False, num_fewshot=0,
+        bootstrap_iters=0, log_samples=log_samples, num_fewshot=0,
     )
-    scores = {}
-    for config in configs:
-        name = config["task"]
-        row = results["results"][name]
-        scores[name] = {metric: float(row[f"{metric},none"]) for metric in METRICS if f"{metric},none" in row}
-        scores[name]["n"] = int(results["n-samples"][name]["effective"])
-    return scores
+    return configs, results

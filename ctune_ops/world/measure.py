@@ -42,39 +42,25 @@ def evaluate_world_model(
 
 
 def target_by_fact_day(ws: Workspace, adapter: str | None, date: str) -> dict[str, dict[str, int]]:
-    """Day ``date``'s ``ctune_target`` items the base model with ``adapter`` answers right, by the day each item's
-    fact was introduced (``{day: {"right": r, "items": n}}``).
+    """Day ``date``'s ``ctune_target`` items the base model with ``adapter`` answers right (by the gate's
+    ``evaluate.metric``), by the day each item's fact was introduced (``{day: {"right": r, "items": n}}``).
 
     Why: a final target score alone cannot tell facts never learned on their day from facts learned and lost
-    later; this can (the experiment writes it for each arm's final model). Items are scored as lm-eval scores a
-    multiple-choice item for ``acc`` (the choice whose ``" " + choice`` continuation has the highest summed
-    log-likelihood after the context, trailing whitespace moved from context to continuation, no special
-    tokens), so the totals reproduce the gate's ``ctune_target`` acc.
+    later; this can (the experiment writes it for each arm's final model). lm-eval scores the items, so the
+    totals are the gate's ``ctune_target`` score.
     """
-    import torch
-
     from ctune_ops.records import read_jsonl
-    from ctune_ops.selection.proxy_model import load_scoring_model, pick_device
 
     dates = json.loads((ws.world_dir / MANIFEST).read_text(encoding="utf-8"))["dates"]
     introduced = {item["fact_id"]: day for day in dates if day <= date
                   for item in read_jsonl(evalsets.day_dir(ws.eval_dir, day) / f"{evalsets.NEW_TASK}.jsonl")}
-    device = pick_device(ws.config.models.device)
-    model, tokenizer = load_scoring_model(ws.model_path(ws.config.models.base), adapter, device)
+    items = lmeval.item_scores(ws.model_path(ws.config.models.base),
+                               evalsets.day_dir(ws.eval_dir, date) / f"{evalsets.TARGET_TASK}.yaml",
+                               ws.config.evaluate.metric, peft=adapter, device=ws.config.models.device,
+                               cache_dir=ws.root / ".lmeval-cache")
     counts = {day: {"right": 0, "items": 0} for day in sorted(set(introduced.values()))}
-    with torch.inference_mode():
-        for item in read_jsonl(evalsets.day_dir(ws.eval_dir, date) / f"{evalsets.TARGET_TASK}.jsonl"):
-            context = item["context"].rstrip()
-            space = item["context"][len(context):]
-            context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
-            scores = []
-            for choice in item["choices"]:
-                whole = tokenizer(context + space + " " + choice, add_special_tokens=False)["input_ids"]
-                continuation = whole[len(context_ids):]
-                ids = torch.tensor([(context_ids + continuation)[:-1]], device=device)
-                logprobs = torch.log_softmax(model(input_ids=ids).logits[0, -len(continuation):].float(), dim=-1)
-                scores.append(float(logprobs.gather(1, torch.tensor(continuation, device=device)[:, None]).sum()))
-            day = counts[introduced[item["fact_id"]]]
-            day["items"] += 1
-            day["right"] += int(max(range(len(scores)), key=scores.__getitem__) == item["label"])
+    for doc, value in items:
+        day = counts[introduced[doc["fact_id"]]]
+        day["items"] += 1
+        day["right"] += int(value)
     return counts
