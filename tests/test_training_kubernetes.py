@@ -165,6 +165,10 @@ def test_training_modules_import_no_heavy_library() -> None:
     ("train: {backend: kubernetes}\n", "kubernetes"),
     ("x: &pod {backend: kubernetes}\ntrain: *pod\n", "kubernetes"),  # an alias to another section: whole file
     ("select:\n  seed: 1\n", "local"),  # no train section: the default
+    # read off the backend line (no YAML), as YAML would read it
+    ("train:  # LoRA\n  epochs: 3\n  backend: 'kubernetes'  # GPU pods\n", "kubernetes"),
+    ("train:\n  lora:\n    backend: kubernetes\n  epochs: 3\n", "local"),  # a nested key is not train's
+    ("train:\n  backend: local\n  backend: kubernetes\n", "kubernetes"),  # twice: YAML's reading, the last
     ("", "local"),
 ])
 def test_dag_files_read_the_training_backend_from_the_train_section(tmp_path: Path, text: str,
@@ -174,6 +178,18 @@ def test_dag_files_read_the_training_backend_from_the_train_section(tmp_path: Pa
     (tmp_path / "params.yaml").write_text(text)
     assert _train_backend(str(tmp_path)) == backend
     assert _train_backend(str(tmp_path / "missing")) == "local"
+
+
+def test_the_default_params_name_the_backend_plainly() -> None:
+    """The shipped params.yaml is read off its backend line, without YAML, and says what YAML reads there."""
+    import yaml
+
+    from ctune_ops.airflow.dags import _plain_backend, _top_level_block
+
+    text = (REPO / "ctune_ops" / "resources" / "params.yaml").read_text()
+    assert _plain_backend(_top_level_block(text, "train")) == yaml.safe_load(text)["train"]["backend"] == "local"
+    assert _plain_backend(_top_level_block(text.replace("backend: local", "backend: kubernetes", 1),
+                                           "train")) == "kubernetes"
 
 
 def test_dag_files_name_the_line_of_a_wrong_backend(tmp_path: Path) -> None:

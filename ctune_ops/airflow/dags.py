@@ -21,8 +21,6 @@ from typing import Any
 
 from airflow.sdk import DAG, Asset, Param, chain
 
-from ctune_ops.airflow.operators import CtuneStageOperator, RollbackOperator
-
 WORKSPACE_ENV = "CTUNE_WORKSPACE"
 START_DATE_ENV = "CTUNE_START_DATE"
 END_DATE_ENV = "CTUNE_END_DATE"  # optional: no scheduled runs after it (the demo's last day)
@@ -75,26 +73,31 @@ def end_date() -> dt.datetime | None:
 def _train_backend(workspace: str) -> str:
     """``train.backend`` of the workspace's params.yaml; ``local`` when there is no workspace yet.
 
-    Read with plain YAML, not the typed config (building its models would cost a DAG file 25 ms on every parse),
-    over the ``train:`` section alone where it stands as a block of its own (the whole file is ~35 sections'
-    worth of objects: 4-5 ms of a ~10 ms parse), with libyaml's loader where PyYAML has it (the pure-Python one
-    takes ~9x as long). A section that does not load alone (an alias to an anchor in another section) falls
-    back to the whole file, and so does a file without a ``train:`` line; a value that is not a known backend
-    loads the typed config, whose error names the file, line and key.
+    Read without the typed config (building its models would cost a DAG file 25 ms on every parse) and, where
+    the file says it plainly, without YAML: a ``train:`` block holding one ``backend: local`` or ``backend:
+    kubernetes`` line at its keys' indentation is read off that line (parsing the block with libyaml would be
+    most of a ~5 ms parse's share that is ctune's). Anything else (flow style, an alias, a value that is no known
+    backend, no such line) goes to YAML: the ``train:`` section alone where it stands as a block of its own, else
+    the whole file, with libyaml's loader where PyYAML has it; a value that is not a known backend loads the
+    typed config, whose error names the file, line and key.
     """
     from pathlib import Path
-
-    import yaml
 
     from ctune_ops import PARAMS_FILE
 
     params = Path(workspace) / PARAMS_FILE
     if not params.exists():
         return "local"
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     text = params.read_text(encoding="utf-8")
+    block = _top_level_block(text, "train")
+    backend = _plain_backend(block)
+    if backend is not None:
+        return backend
+    import yaml
+
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
-        data = yaml.load(_top_level_block(text, "train"), Loader=loader)  # noqa: S506 - a safe loader
+        data = yaml.load(block, Loader=loader)  # noqa: S506 - a safe loader
     except yaml.YAMLError:
         data = None
     if not isinstance(data, dict) or not isinstance(data.get("train"), dict):
@@ -105,6 +108,26 @@ def _train_backend(workspace: str) -> str:
 
         return load_config(params).train.backend
     return backend
+
+
+def _plain_backend(block: str) -> str | None:
+    """The backend a ``train:`` block names on a line of its own (``  backend: kubernetes  # comment``, the
+    value plain or quoted), at the indentation of the block's first key; None when it does not say so plainly
+    (no such line, two of them, or anything YAML must read). String methods, not regular expressions: compiling
+    two would cost the parse about as much as they save."""
+    lines = block.splitlines()
+    head = lines[0].rstrip() if lines else ""
+    if head != "train:" and not (head.startswith("train: ") and head[7:].lstrip().startswith("#")):
+        return None  # "train: {...}", "train: *pod": YAML reads those
+    keys = [line for line in lines[1:] if line.strip() and not line.lstrip().startswith("#")]
+    indent = keys[0][: len(keys[0]) - len(keys[0].lstrip(" "))] if keys else ""
+    found = [line[len(indent):] for line in keys if indent and line.startswith(indent + "backend")]
+    if len(found) != 1 or not found[0].startswith("backend: "):
+        return None
+    value = found[0][len("backend: "):].split(" #", 1)[0].strip()
+    if len(value) > 1 and value[0] in "'\"" and value[-1] == value[0]:
+        value = value[1:-1]
+    return value if value in TRAIN_BACKENDS else None
 
 
 def _top_level_block(text: str, key: str) -> str:
@@ -123,6 +146,8 @@ def _default_args() -> dict[str, Any]:
 
 
 def _daily_tasks(workspace: str) -> list[Any]:
+    from ctune_ops.airflow.operators import CtuneStageOperator  # here: the rollback DAG's file does without it
+
     config = None  # the typed config, loaded once and only for the pod backend
     if _train_backend(workspace) == "kubernetes":
         from ctune_ops.config import load_config
@@ -168,6 +193,8 @@ def incoming_dag(dag_id: str = "ctune_incoming", workspace: str | None = None) -
 
 def rollback_dag(dag_id: str = "ctune_rollback", workspace: str | None = None) -> DAG:
     """Manual: make the Param ``version`` production again (``ctune rollback``)."""
+    from ctune_ops.airflow.rollback import RollbackOperator
+
     with DAG(
         dag_id,
         schedule=None,

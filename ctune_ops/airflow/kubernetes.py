@@ -73,7 +73,7 @@ def repair_pod_operator(
     """The repair stage (``ctune stage repair``) in the same kind of GPU pod: it may train (a rehearsal pass of
     the day's candidate) and evaluate the result, so it needs the GPU the train task had. On a day the gate
     passed it only writes its report, in seconds once the pod runs."""
-    from ctune_ops.stages import IN_POD_ENV
+    from ctune_ops.pipeline import IN_POD_ENV
 
     mount = _train_config(config).kubernetes.workspace_mount_path
     return _pod_operator(config, task_id, REPAIR_POD_NAME, REPAIR_COMMAND,

@@ -5,34 +5,19 @@ operator only resolves the batch date by ctune's rule (:func:`ctune_ops.airflow.
 serialises workspace access, records the stage's inputs and outputs in ``dvc.lock`` (``dvc commit`` of that DVC
 stage, so ``dvc status`` and ``dvc repro`` see what ran), pushes the stage's small JSON summary to XCom and the
 address of the day's report for the task's extra link. Importing this module imports no heavy library: DAG files
-import it on every parse.
+import it on every parse. The rollback operator is in :mod:`ctune_ops.airflow.rollback`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from airflow.sdk import BaseOperator, BaseOperatorLink
 
 from ctune_ops.airflow import URL_PREFIX
-from ctune_ops.stages import DVC_STAGE_NAMES, STAGE_NAMES, check_date, run_stage
-
-if TYPE_CHECKING:
-    from ctune_ops.workspace import Workspace
-
-
-def _open(workspace: str) -> Workspace:
-    from ctune_ops.workspace import Workspace  # at run time: DAG files parse without the workspace module
-
-    return Workspace.open(workspace)
-
-
-def _timeout(lock_timeout_s: float | None) -> float:
-    """The workspace lock's wait: the operator's ``lock_timeout_s``, else the workspace default."""
-    from ctune_ops.workspace import LOCK_TIMEOUT_S
-
-    return LOCK_TIMEOUT_S if lock_timeout_s is None else lock_timeout_s
+from ctune_ops.airflow.access import lock_timeout, open_workspace
+from ctune_ops.pipeline import DVC_STAGE_NAMES, STAGE_NAMES, check_date
 
 
 def report_url(date: str) -> str:
@@ -83,11 +68,13 @@ class CtuneStageOperator(BaseOperator):
 
     def execute(self, context: Any) -> dict[str, Any]:
         from ctune_ops.airflow.dates import batch_date, context_batch_date  # at run time: not needed to parse
+        from ctune_ops.stages import run_stage
 
         date = check_date(batch_date({"date": self.date}, None) if self.date else context_batch_date(context))
-        ws = _open(self.workspace)
+        ws = open_workspace(self.workspace)
         self.log.info("ctune stage %s for %s on %s", self.stage, date, ws.root)
-        with ws.lock(timeout_s=_timeout(self.lock_timeout_s), purpose=f"{self.task_id}: stage {self.stage} {date}"):
+        purpose = f"{self.task_id}: stage {self.stage} {date}"
+        with ws.lock(timeout_s=lock_timeout(self.lock_timeout_s), purpose=purpose):
             result = run_stage(ws, self.stage, date)
             if self.stage in DVC_STAGE_NAMES:
                 from ctune_ops.registry import record_stage
@@ -105,26 +92,3 @@ class ValidateOperator(CtuneStageOperator):
 
     def __init__(self, *, workspace: str, date: str | None = None, **kwargs: Any) -> None:
         super().__init__(stage="validate", workspace=workspace, date=date, **kwargs)
-
-
-class RollbackOperator(BaseOperator):
-    """Make ``version`` (templated; the ``ctune_rollback`` DAG's Param) production again, as ``ctune rollback``."""
-
-    template_fields: Sequence[str] = ("workspace", "version")
-    ui_color = "#f2dcd9"
-
-    def __init__(self, *, workspace: str, version: str, lock_timeout_s: float | None = None,
-                 **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.workspace = workspace
-        self.version = version
-        self.lock_timeout_s = lock_timeout_s
-
-    def execute(self, context: Any) -> dict[str, Any]:
-        from ctune_ops.registry import rollback
-
-        ws = _open(self.workspace)
-        with ws.lock(timeout_s=_timeout(self.lock_timeout_s), purpose=f"{self.task_id}: rollback {self.version}"):
-            outcome = rollback(ws, self.version, after_step=lambda step: self.log.info("rollback step %s done", step))
-        self.log.info("production: %s (was %s)", outcome.version, outcome.previous)
-        return {"version": outcome.version, "previous": outcome.previous, "already": outcome.already}

@@ -2,41 +2,24 @@
 
 Stages read their inputs from the workspace and write their outputs there; the CLI (``ctune stage NAME``), DVC
 (``dvc.yaml`` runs that command) and the Airflow operators all call them through :func:`run_stage`. The registry
-names modules as strings and imports them on use, so importing this package stays cheap for DAG files; no stage
-module imports Airflow.
+(:mod:`ctune_ops.pipeline`, which also holds the stage names and the batch-date rule) names modules as strings and
+imports them on use; no stage module imports Airflow.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ctune_ops.pipeline import DVC_STAGE_NAMES, IN_POD_ENV, STAGE_FUNCTIONS, STAGE_NAMES, StageError, check_date
+
 if TYPE_CHECKING:
     from ctune_ops.workspace import Workspace
 
-# Pipeline order (DESIGN §3). Promote is no DVC stage (it versions what the others made: candidates into models/,
-# dvc add, commit, tag), but it runs like one, so operators and `ctune stage promote` call it the same way.
-_STAGES = {
-    "validate": "ctune_ops.stages.validate:run",
-    "dedup": "ctune_ops.stages.dedup:run",
-    "score": "ctune_ops.stages.score:run",
-    "select": "ctune_ops.stages.select:run",
-    "train": "ctune_ops.stages.train:run",
-    "proxy": "ctune_ops.stages.proxy:run",
-    "evaluate": "ctune_ops.stages.evaluate:run",
-    "repair": "ctune_ops.stages.repair:run",
-    "promote": "ctune_ops.stages.promote:run",
-}
-IN_POD_ENV = "CTUNE_IN_POD"  # set in the Kubernetes pods that run a stage (ctune_ops/airflow/kubernetes.py)
-DVC_STAGE_NAMES = tuple(name for name in _STAGES if name != "promote")
-STAGE_NAMES = tuple(_STAGES)
-
-
-class StageError(RuntimeError):
-    """A stage cannot run: a missing input folder, a missing model, a stage not built yet. Says which and why."""
+__all__ = ["DVC_STAGE_NAMES", "IN_POD_ENV", "STAGE_NAMES", "StageError", "StageFunction", "StageResult",
+           "check_date", "get_stage", "run_stage"]
 
 
 @dataclass(frozen=True)
@@ -55,21 +38,11 @@ StageFunction = Callable[["Workspace", str], StageResult]
 
 def get_stage(name: str) -> StageFunction:
     """The ``run`` function of stage ``name``; fails clearly for an unknown name."""
-    target = _STAGES.get(name)
+    target = STAGE_FUNCTIONS.get(name)
     if target is None:
         raise StageError(f"unknown stage {name!r}; the stages are: {', '.join(STAGE_NAMES)}")
     module_name, function_name = target.split(":")
     return getattr(importlib.import_module(module_name), function_name)
-
-
-def check_date(date: str) -> str:
-    """``date`` if it is a calendar date written YYYY-MM-DD, else a StageError saying so."""
-    try:
-        if dt.date.fromisoformat(date).isoformat() == date:
-            return date
-    except (TypeError, ValueError):
-        pass
-    raise StageError(f"batch date {date!r} is not a calendar date written YYYY-MM-DD")
 
 
 def run_stage(ws: Workspace, name: str, date: str) -> StageResult:
