@@ -80,6 +80,19 @@ def test_dag_file_imports_no_heavy_library() -> None:
         assert out.strip().splitlines()[-1] == "[]", (name, out)
 
 
+def test_dag_files_import_only_what_they_build() -> None:
+    """What keeps a parse cheap (benchmarks/dag_parse.py times it): no DAG file imports the stage registry's
+    package (the stage modules' home), and the rollback DAG's file not the stage operators with their extra link."""
+    code = ("import sys, runpy; runpy.run_path(sys.argv[1]); "
+            "print([m for m in ('ctune_ops.stages', 'ctune_ops.config', 'ctune_ops.workspace', "
+            "'ctune_ops.airflow.operators', 'airflow.sdk.bases.operatorlink') if m in sys.modules])")
+    loaded = {name: subprocess.run([sys.executable, "-c", code, str(REPO / "dags" / name)], capture_output=True,
+                                   text=True, check=True).stdout.strip().splitlines()[-1]
+              for name in ("ctune_daily.py", "ctune_rollback.py")}
+    assert loaded["ctune_rollback.py"] == "[]", loaded
+    assert loaded["ctune_daily.py"] == "['ctune_ops.airflow.operators', 'airflow.sdk.bases.operatorlink']", loaded
+
+
 def test_asset_triggered_run_takes_the_events_date() -> None:
     event = SimpleNamespace(extra={"date": "2026-01-04"})
     context = {"params": {"date": None}, "data_interval_start": None, "triggering_asset_events": {"a": [event]}}
