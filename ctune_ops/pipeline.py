@@ -1,7 +1,7 @@
 """The pipeline's stages by name, and the batch-date rule every stage applies: what a DAG file needs to parse.
 
-Kept apart from :mod:`ctune_ops.stages` (the registry's functions and ``StageResult``) and free of imports, so
-the operators can check a stage name when a DAG file is parsed for the cost of reading this module.
+Kept apart from :mod:`ctune_ops.stages` (the registry's functions and ``StageResult``), importing nothing but
+datetime, so the operators can check a stage name when a DAG file is parsed for the cost of reading this module.
 """
 
 from __future__ import annotations
