@@ -101,7 +101,11 @@ def holds_float(value: Any) -> bool:
         value = value.values()
     elif kind is not list and kind is not tuple:
         return False
-    return any(holds_float(item) for item in value)
+    for item in value:  # scalars tested here, not by a call each: a record is mostly strings
+        kind = type(item)
+        if kind is float or ((kind is dict or kind is list or kind is tuple) and holds_float(item)):
+            return True
+    return False
 
 
 @functools.cache
