@@ -45,7 +45,7 @@ def test_dag_parse_benchmark_small(tmp_path: Path) -> None:
     printed = _run("dag_parse.py", "--out", str(out))
     result = json.loads(out.read_text())
     assert "bare (1 EmptyOperator)" in printed
-    for measure in ("file_parse", "whole_process"):
+    for measure in ("dag_processor", "file_parse", "whole_process"):
         files = [row["file"] for row in result[measure]["rows"]]
         assert files == ["bare (1 EmptyOperator)", "same shape, EmptyOperators", "ctune_daily.py",
                          "ctune_incoming.py", "ctune_rollback.py"]
