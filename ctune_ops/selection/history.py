@@ -72,7 +72,7 @@ class HistoryError(RuntimeError):
     """The history database cannot be used as asked; the message says which file and why."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs 3x (one per candidate and per row)
 class HistoryRow:
     """One earlier row a batch row may duplicate."""
 
@@ -83,7 +83,7 @@ class HistoryRow:
     signature: np.ndarray
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen, as HistoryRow: 2,740 rows 3.6 -> 1.1 ms
 class NewRow:
     """A row of today's batch that reached scoring."""
 
@@ -203,7 +203,7 @@ class History:
         # the keys travel as one JSON array (json_each reads it in C): the item of key k is k // bands
         pairs = np.array(self.db.execute(
             "SELECT DISTINCT j.key / ?, b.ref FROM json_each(?) j JOIN bands b ON b.key = j.value",
-            (bands, json.dumps(keys.ravel().tolist()))).fetchall(), dtype=np.int64).reshape(-1, 2)
+            (bands, _json_array(keys))).fetchall(), dtype=np.int64).reshape(-1, 2)
         eligible: dict[int, HistoryRow] = {}
         sql = ("SELECT r.ref, r.date, r.row_id, r.decision, r.signature FROM rows r WHERE r.ref IN ({}) AND "
                f"{self._eligible(decisions)}")
@@ -287,7 +287,7 @@ class History:
                 # inserted in the index's order (ORDER BY): a B-tree takes sorted inserts ~40% faster than the
                 # random order of hash keys (two MedQuAD days of 6,600 rows: 0.31 -> 0.19 s)
                 db.execute("INSERT OR IGNORE INTO bands SELECT j.value, ? + j.key / ? FROM json_each(?) j "
-                           "ORDER BY 1, 2", (first, keys.shape[1], json.dumps(keys.ravel().tolist())))
+                           "ORDER BY 1, 2", (first, keys.shape[1], _json_array(keys)))
         return {"inserted": len(fresh), "removed": len(stale), "kept": len(rows) - len(fresh)}
 
     def set_decisions(self, date: str, decisions: dict[str, tuple[str, str | None]],
@@ -339,6 +339,14 @@ class History:
         with self.transaction() as db:
             db.executemany("INSERT OR IGNORE INTO output_loss VALUES (?, ?, ?, ?)",
                            ((sha, proxy_version, loss, tokens) for sha, (loss, tokens) in sorted(losses.items())))
+
+
+def _json_array(keys: np.ndarray) -> str:
+    """The band keys as one flat JSON array for ``json_each``: msgspec's encoder writes integers 3-4x faster than
+    ``json.dumps`` (a day's 22,000 keys: 0.8 ms, not 3 ms), and as text, since SQLite reads a BLOB as JSONB."""
+    import msgspec
+
+    return msgspec.json.encode(keys.ravel().tolist()).decode("ascii")
 
 
 def _chunks(values: Sequence[Any]) -> Iterator[Sequence[Any]]:
