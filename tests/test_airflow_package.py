@@ -36,6 +36,28 @@ def test_provider_info_is_valid_for_airflow() -> None:
     assert get_provider_info()["plugins"][0]["plugin-class"] == "ctune_ops.airflow.plugin.CtunePlugin"
 
 
+def test_provider_info_names_every_operator_module() -> None:
+    """Every operator class ctune_ops.airflow defines lives in a module the provider info lists."""
+    import importlib
+    import pkgutil
+
+    from airflow.sdk import BaseOperator
+
+    import ctune_ops.airflow
+    from ctune_ops.airflow.provider_info import get_provider_info
+
+    def operators(module: str) -> set[str]:
+        return {f"{module}.{name}" for name, value in vars(importlib.import_module(module)).items()
+                if isinstance(value, type) and issubclass(value, BaseOperator) and value.__module__ == module}
+
+    (entry,) = get_provider_info()["operators"]
+    listed = set().union(*(operators(module) for module in entry["python-modules"]))
+    defined = set().union(*(operators(f"ctune_ops.airflow.{info.name}")
+                            for info in pkgutil.iter_modules(ctune_ops.airflow.__path__)))
+    assert listed == defined
+    assert "ctune_ops.airflow.rollback.RollbackOperator" in listed
+
+
 def test_plugin_class() -> None:
     from ctune_ops.airflow.plugin import CtunePlugin
 

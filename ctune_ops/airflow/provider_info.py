@@ -7,6 +7,9 @@ from typing import Any
 from ctune_ops import __version__
 
 PLUGIN_CLASS = "ctune_ops.airflow.plugin.CtunePlugin"
+# where the operators live, for provider listings and docs (Airflow imports none of them from here; the extra
+# link reaches the API server through the plugin)
+OPERATOR_MODULES = ["ctune_ops.airflow.operators", "ctune_ops.airflow.rollback"]
 
 
 def get_provider_info() -> dict[str, Any]:
@@ -22,5 +25,6 @@ def get_provider_info() -> dict[str, Any]:
                 "tags": ["software"],
             }
         ],
+        "operators": [{"integration-name": "ctune", "python-modules": OPERATOR_MODULES}],
         "plugins": [{"name": "ctune", "plugin-class": PLUGIN_CLASS}],
     }
