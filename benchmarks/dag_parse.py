@@ -2,9 +2,10 @@
 
 1. As Airflow's dag-processor parses a file: a child forked from a parent that has Airflow loaded
    (``DagFileProcessorProcess``, the class the dag-processor uses), which imports the file, serialises its DAGs
-   and sends them back; timed from the fork to the result in the parent. This is the work behind the parse
+   and sends them back; timed from the fork to the result in the parent. This is the parse work inside the
    duration Airflow records for each DAG (``DagModel.last_parse_duration``, on the DAG's page and in the REST
-   API), without the manager's up-to-one-second poll wait that Airflow's own figure adds to every file alike.
+   API); Airflow's own figure adds a variable 0-1 s of the manager's loop (it collects a finished child on its
+   next pass, polling once a second), which would drown the difference between files.
 2. The file's own import: ``DagBag.process_file`` in a fresh process that has imported Airflow first (the
    duration ``airflow dags report`` prints): what ctune's imports and DAG construction add, with none of the
    parse's fixed costs around it.
@@ -103,13 +104,14 @@ def parse_seconds(path: Path, env: dict[str, str]) -> float:
 # them to every forked child and hide their import): parses each file through the dag-processor's own class,
 # interleaved, and prints {file: [seconds, ...]}.
 PROCESSOR_CODE = """\
-import json, os, selectors, sys, time, uuid
+import json, os, selectors, signal, sys, time, uuid
 from pathlib import Path
 
 import structlog
 from airflow.dag_processing.processor import DagFileProcessorProcess
 
 POLL_S = 0.0005  # the manager polls once a second; a short poll times the parse, not the wait
+DEADLINE_S = 120  # a child that hangs is killed, as the manager's dag_file_processor_timeout would
 
 
 def parse(path):
@@ -120,6 +122,9 @@ def parse(path):
             dag_file_rel_path=path.name, callbacks=[], selector=selector, logger=structlog.get_logger("dag_parse"),
             logger_filehandle=sink, subprocess_logs_to_stdout=False, client=None)
         while not proc.is_ready:
+            if time.monotonic() - proc.start_time > DEADLINE_S:
+                proc.kill(signal.SIGKILL)
+                raise SystemExit(f"{path}: no result after {DEADLINE_S} s")
             for key, _ in selector.select(timeout=POLL_S):
                 handler, on_close = key.data
                 try:

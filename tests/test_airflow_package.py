@@ -51,7 +51,9 @@ def test_provider_info_names_every_operator_module() -> None:
                 if isinstance(value, type) and issubclass(value, BaseOperator) and value.__module__ == module}
 
     (entry,) = get_provider_info()["operators"]
-    listed = set().union(*(operators(module) for module in entry["python-modules"]))
+    per_module = {module: operators(module) for module in entry["python-modules"]}
+    assert all(per_module.values()), per_module  # no listed module without an operator
+    listed = set().union(*per_module.values())
     defined = set().union(*(operators(f"ctune_ops.airflow.{info.name}")
                             for info in pkgutil.iter_modules(ctune_ops.airflow.__path__)))
     assert listed == defined
