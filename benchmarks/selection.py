@@ -45,6 +45,7 @@ MEDQUAD = Path(__file__).resolve().parents[2] / "shared" / "data" / "medquad" / 
 TARGETS = {"scoring": 8.0, "flop_share": 0.40, "dedup": 3.0}
 MATMUL_SIZE = 2048
 PLANTED_SHARE = 0.1  # share of rows that get a planted near copy
+BASELINE_SEED = 0  # which rows the one-row baseline times
 PREFIXES = ("Please answer: ", "Question: ", "Quick question - ", "Asked by a nurse: ")
 
 
@@ -121,12 +122,14 @@ def bench_scoring(ws: Workspace, name: str, records: list[dict[str, Any]], basel
     start = time.perf_counter()
     scores = score_rows(model, tokenizer, rows, config.score.batch_tokens, config.score.batch_rows)
     batched_s = time.perf_counter() - start
-    subset = rows[:baseline_rows]
+    # a random sample, not the first rows: the world's first rows are the day-0 corpus's, 8% shorter than the mean
+    sample = sorted(random.Random(BASELINE_SEED).sample(range(len(rows)), min(baseline_rows, len(rows))))
+    subset = [rows[i] for i in sample]
     start = time.perf_counter()
     reference = [reference_losses(model, tokenizer, r) for r in subset]
     subset_s = time.perf_counter() - start
     baseline_s = subset_s * len(rows) / len(subset)
-    worst = max(abs(scores.l_cond[i] - reference[i][0]) for i in range(len(subset)))
+    worst = max(abs(scores.l_cond[i] - ref[0]) for i, ref in zip(sample, reference, strict=True))
     flops = useful_flops(model, rows)
     return {
         "workload": name, "rows": len(rows), "baseline_rows_timed": len(subset),
