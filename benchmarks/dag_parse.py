@@ -143,12 +143,13 @@ def parse(path):
     return elapsed
 
 
+warmup, repeat = int(sys.argv[1]), int(sys.argv[2])
 files = [Path(p) for p in sys.argv[3:]]
 times = {str(p): [] for p in files}
-for round_ in range(int(sys.argv[1]) + int(sys.argv[2])):  # warm-up rounds first, not kept
+for round_ in range(warmup + repeat):  # warm-up rounds first, not kept
     for path in files:
         seconds = parse(path)
-        if round_ >= int(sys.argv[1]):
+        if round_ >= warmup:
             times[str(path)].append(seconds)
 print(json.dumps(times))
 """
