@@ -118,9 +118,10 @@ def bench_scoring(ws: Workspace, name: str, records: list[dict[str, Any]], basel
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     rows = tokenize_rows(tokenizer, records, config.models.prompt, config.models.max_length)
-    score_rows(model, tokenizer, rows[:64], config.score.batch_tokens, config.score.batch_rows)  # warm-up
+    batch_tokens = config.score.tokens_per_batch(model.device.type)
+    score_rows(model, tokenizer, rows[:64], batch_tokens, config.score.batch_rows)  # warm-up
     start = time.perf_counter()
-    scores = score_rows(model, tokenizer, rows, config.score.batch_tokens, config.score.batch_rows)
+    scores = score_rows(model, tokenizer, rows, batch_tokens, config.score.batch_rows)
     batched_s = time.perf_counter() - start
     # a random sample, not the first rows: the world's first rows are the day-0 corpus's, 8% shorter than the mean
     sample = sorted(random.Random(BASELINE_SEED).sample(range(len(rows)), min(baseline_rows, len(rows))))

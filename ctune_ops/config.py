@@ -397,14 +397,23 @@ class DedupConfig(_Strict):
 class ScoreConfig(_Strict):
     """The ``score`` stage: batched proxy forward passes (DESIGN §3.3).
 
-    Rows are sorted by length and cut into batches of at most ``batch_tokens`` padded tokens and ``batch_rows``
-    rows: large batches keep the matrix multiplications efficient, sorted lengths keep padding small.
+    Rows are sorted by length and cut into batches of at most ``batch_tokens`` padded tokens (``cpu_batch_tokens``
+    when the proxy runs on the CPU) and ``batch_rows`` rows: sorted lengths keep padding small. On a GPU large
+    batches keep the matrix multiplications efficient and the kernel launches few. On a CPU a batch's activations
+    should stay in the cores' caches instead: the demo's proxy on 2 cores (2 MiB L2 each) scores 12-15% faster
+    at 1,024-3,072 tokens than at 8,192 (world and MedQuAD rows, ``benchmarks/selection.py``); a wider proxy wants
+    fewer tokens per batch.
     """
 
-    batch_tokens: int = Field(default=8192, ge=64)
+    batch_tokens: int = Field(default=8192, ge=64, description="padded tokens per batch on a GPU")
+    cpu_batch_tokens: int = Field(default=2048, ge=64, description="padded tokens per batch on the CPU")
     batch_rows: int = Field(default=128, ge=1)
     threads: int = Field(default=0, ge=0, description="torch CPU threads; 0 leaves torch's default")
     progress: bool = True
+
+    def tokens_per_batch(self, device_type: str) -> int:
+        """The padded-token bound of a batch for a model on ``device_type`` (torch's ``device.type``)."""
+        return self.cpu_batch_tokens if device_type == "cpu" else self.batch_tokens
 
 
 class SelectConfig(_Strict):

@@ -67,3 +67,9 @@ def test_cli_config_check(workspace, capsys) -> None:
     assert main(["config", "check", "--workspace", str(workspace.root)]) == 2
     err = capsys.readouterr().err
     assert "params.yaml:2" in err and "world.days_ahead" in err
+
+
+def test_score_batch_bound_follows_the_device() -> None:
+    """CPU batches are bounded by ``cpu_batch_tokens`` (cache-sized), GPU batches by ``batch_tokens``."""
+    score = parse_config(read_yaml("score:\n  batch_tokens: 5000\n  cpu_batch_tokens: 700\n")).score
+    assert (score.tokens_per_batch("cpu"), score.tokens_per_batch("cuda")) == (700, 5000)

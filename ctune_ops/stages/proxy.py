@@ -67,7 +67,8 @@ def conditioned_losses(model: Any, tokenizer: Any, records: list[dict[str, Any]]
     rows = tokenize_rows(tokenizer, records, config.models.prompt, config.models.max_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     losses, _ = sequence_losses(model, [[*r.prompt, *r.output] for r in rows], [len(r.prompt) for r in rows], pad,
-                                config.score.batch_tokens, config.score.batch_rows)
+                                config.score.tokens_per_batch(next(model.parameters()).device.type),
+                                config.score.batch_rows)
     return np.asarray(losses, dtype=float)
 
 
