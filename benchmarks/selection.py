@@ -119,7 +119,7 @@ def bench_scoring(ws: Workspace, name: str, records: list[dict[str, Any]], basel
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     rows = tokenize_rows(tokenizer, records, config.models.prompt, config.models.max_length)
-    batch_tokens = config.score.tokens_per_batch(model.device.type)
+    batch_tokens = config.score.tokens_per_batch(next(model.parameters()).device.type)
     score_rows(model, tokenizer, rows[:64], batch_tokens, config.score.batch_rows)  # warm-up
     start = time.perf_counter()
     scores = score_rows(model, tokenizer, rows, batch_tokens, config.score.batch_rows)

@@ -96,7 +96,7 @@ def run(ws: Workspace, date: str) -> StageResult:
         with tqdm(total=2 * len(rows), desc=f"score {date}", unit="seq", disable=not config.score.progress,
                   leave=False) as bar:
             scores = score_rows(proxy.model, proxy.tokenizer, rows,
-                                config.score.tokens_per_batch(proxy.model.device.type),
+                                config.score.tokens_per_batch(next(proxy.model.parameters()).device.type),
                                 config.score.batch_rows, cached, progress=bar.update)
         fresh = {r.output_key: (float(scores.l_out[i]), len(r.output)) for i, r in enumerate(rows)
                  if not scores.l_out_cached[i]}
