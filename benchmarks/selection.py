@@ -2,7 +2,8 @@
 
 Scoring: the batched proxy scorer (length buckets, masked padding, vocabulary projection only where a token is
 scored) against the one-row-at-a-time way of Superfiltering's and Cherry's scripts (two full forward passes per
-row, batch size 1), on the demo world's rows and on MedQuAD rows (long answers, cut at ``models.max_length``).
+row, batch size 1), on the demo world's rows and on MedQuAD rows (long answers, cut at ``models.max_length``),
+each side the best of three runs, alternating (one in CI's small mode).
 Also the achieved FLOP rate of the batched proxy forward (useful FLOPs: real tokens only) as a share of a large
 fp32 matrix multiplication's rate on the same machine (the best of five 2048x2048 products before and five
 after the scoring: a measured rate, not the chip's peak), the one-row baseline's useful-FLOP share of it, and the
@@ -109,7 +110,10 @@ def matmul_rate() -> float:
     return 2 * MATMUL_SIZE**3 / best
 
 
-def bench_scoring(ws: Workspace, name: str, records: list[dict[str, Any]], baseline_rows: int) -> dict[str, Any]:
+def bench_scoring(ws: Workspace, name: str, records: list[dict[str, Any]], baseline_rows: int,
+                  repeat: int) -> dict[str, Any]:
+    """Rows per second of the batched scorer and of the one-row baseline, each the best of ``repeat`` runs
+    alternating between the two (one run of either can lose a quarter of its speed to this machine's drift)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ctune_ops.selection.scorer import reference_losses, score_rows, tokenize_rows
@@ -121,15 +125,17 @@ def bench_scoring(ws: Workspace, name: str, records: list[dict[str, Any]], basel
     rows = tokenize_rows(tokenizer, records, config.models.prompt, config.models.max_length)
     batch_tokens = config.score.tokens_per_batch(next(model.parameters()).device.type)
     score_rows(model, tokenizer, rows[:64], batch_tokens, config.score.batch_rows)  # warm-up
-    start = time.perf_counter()
-    scores = score_rows(model, tokenizer, rows, batch_tokens, config.score.batch_rows)
-    batched_s = time.perf_counter() - start
     # a random sample, not the first rows: the world's first rows are the day-0 corpus's, 8% shorter than the mean
     sample = sorted(random.Random(BASELINE_SEED).sample(range(len(rows)), min(baseline_rows, len(rows))))
     subset = [rows[i] for i in sample]
-    start = time.perf_counter()
-    reference = [reference_losses(model, tokenizer, r) for r in subset]
-    subset_s = time.perf_counter() - start
+    batched_s = subset_s = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        scores = score_rows(model, tokenizer, rows, batch_tokens, config.score.batch_rows)
+        batched_s = min(batched_s, time.perf_counter() - start)
+        start = time.perf_counter()
+        reference = [reference_losses(model, tokenizer, r) for r in subset]
+        subset_s = min(subset_s, time.perf_counter() - start)
     baseline_s = subset_s * len(rows) / len(subset)
     worst = max(abs(scores.l_cond[i] - ref[0]) for i, ref in zip(sample, reference, strict=True))
     flops = useful_flops(model, rows)
@@ -254,15 +260,16 @@ def main(argv: list[str] | None = None) -> int:
     config = ws.config
     n_score, n_base, n_dedup = (300, 40, 2000) if args.small else (2000, 200, 12000)
     repeat = 1 if args.small else 5  # dedup: best of 5 (either side can lose 30% to a noisy neighbour)
+    score_repeat = 1 if args.small else 3  # scoring: best of 3 of each side
     out: dict[str, Any] = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                            "torch_threads": torch.get_num_threads(), "small": args.small, "targets": TARGETS}
     # the matmul rate before and after the scoring, the higher counts: this machine's speed drifts by up to 25%
     # from minute to minute, and a rate caught low would flatter the FLOP shares
     rate_before = matmul_rate()
-    scoring = [bench_scoring(ws, "world", world_rows(ws, n_score), n_base)]
+    scoring = [bench_scoring(ws, "world", world_rows(ws, n_score), n_base, score_repeat)]
     medquad = medquad_rows(n_score)
     if medquad:
-        scoring.append(bench_scoring(ws, "medquad", medquad, n_base))
+        scoring.append(bench_scoring(ws, "medquad", medquad, n_base, score_repeat))
     rate = max(rate_before, matmul_rate())
     for entry in scoring:
         entry["flop_share"] = entry["achieved_gflops"] * 1e9 / rate
