@@ -224,7 +224,7 @@ def bench_dedup(name: str, rows: list[dict[str, Any]], config: DedupConfig, repe
     by_id = {r["id"]: r for r in rows + day1 + day2}
     close = {p for p in planted
              if exact_jaccard(by_id[p], by_id[p.rsplit("-", 1)[0]], config.shingle_words) >= config.near_dup_threshold}
-    import datasketch  # noqa: F401 -- imported before the clock starts (the first run would pay ~0.3 s for it)
+    import datasketch  # noqa: F401 -- imported before the clock starts (the first run would pay its ~0.5 s import)
 
     from ctune_ops.selection import dedup  # noqa: F401
 
