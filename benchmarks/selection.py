@@ -254,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workspace", type=Path, default=Path("demo-workspace"),
                         help="a workspace with a bootstrapped proxy (make demo creates demo-workspace)")
-    parser.add_argument("--small", action="store_true", help="fewer rows, for CI")
+    parser.add_argument("--small", action="store_true",
+                        help="fewer rows and one run a side, for CI: a smoke test, its ratios are not the figures")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "selection.json")
     args = parser.parse_args(argv)
     import torch
