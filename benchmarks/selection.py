@@ -116,14 +116,14 @@ def bench_scoring(ws: Workspace, name: str, records: list[dict[str, Any]], basel
     alternating between the two (one run of either can lose a quarter of its speed to this machine's drift)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ctune_ops.selection.scorer import reference_losses, score_rows, tokenize_rows
+    from ctune_ops.selection.scorer import batch_tokens_for, reference_losses, score_rows, tokenize_rows
 
     config = ws.config
     path = ws.model_path(config.models.proxy_base)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     rows = tokenize_rows(tokenizer, records, config.models.prompt, config.models.max_length)
-    batch_tokens = config.score.tokens_per_batch(next(model.parameters()).device.type)
+    batch_tokens = batch_tokens_for(model, config.score)
     score_rows(model, tokenizer, rows[:64], batch_tokens, config.score.batch_rows)  # warm-up
     # a random sample, not the first rows: the world's first rows are the day-0 corpus's, 8% shorter than the mean
     sample = sorted(random.Random(BASELINE_SEED).sample(range(len(rows)), min(baseline_rows, len(rows))))

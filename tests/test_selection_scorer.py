@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ctune_ops.records import read_jsonl
-from ctune_ops.selection.scorer import plan_batches, reference_losses, score_rows, tokenize_rows
+from ctune_ops.selection.scorer import batch_tokens_for, plan_batches, reference_losses, score_rows, tokenize_rows
 
 
 @pytest.fixture(scope="module")
@@ -67,3 +67,11 @@ def test_plan_batches_bounds_padding() -> None:
     for batch in batches:
         assert len(batch) <= 3
         assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= 200
+
+
+def test_batch_bound_follows_the_model_device(small_world, proxy) -> None:  # noqa: ANN001
+    """A model on the CPU gets ``cpu_batch_tokens``; the bound is read from where its weights are."""
+    model, _ = proxy
+    score = small_world.config.score
+    assert next(model.parameters()).device.type == "cpu"
+    assert batch_tokens_for(model, score) == score.cpu_batch_tokens != score.batch_tokens

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ctune_ops.config import PromptConfig
+from ctune_ops.config import PromptConfig, ScoreConfig
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,12 @@ def plan_batches(lengths: Sequence[int], batch_tokens: int, batch_rows: int) -> 
     if current:
         batches.append(current)
     return batches
+
+
+def batch_tokens_for(model: Any, score: ScoreConfig) -> int:
+    """The padded-token bound of a batch for ``model``, by the device its weights are on
+    (:meth:`ScoreConfig.tokens_per_batch`); ``next(model.parameters())`` works for a PeftModel and a plain model."""
+    return score.tokens_per_batch(next(model.parameters()).device.type)
 
 
 def _head_only_ok(model: Any) -> bool:
