@@ -37,8 +37,12 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+# both dedup paths are imported here, before any clock starts (datasketch's import alone takes ~0.5 s)
+from datasketch import MinHash, MinHashLSH  # noqa: E402
+
 from ctune_ops.config import DedupConfig  # noqa: E402
 from ctune_ops.records import read_jsonl  # noqa: E402
+from ctune_ops.selection.dedup import find_duplicates  # noqa: E402
 from ctune_ops.selection.history import TRAINED, History, record_fingerprint, record_text  # noqa: E402
 from ctune_ops.workspace import Workspace  # noqa: E402
 from ctune_ops.world.stream import word_shingles  # noqa: E402
@@ -169,8 +173,6 @@ def exact_jaccard(a: dict[str, Any], b: dict[str, Any], k: int) -> float:
 
 
 def ctune_dedup(days: list[list[dict[str, Any]]], config: DedupConfig, root: Path) -> set[str]:
-    from ctune_ops.selection.dedup import find_duplicates
-
     dropped: set[str] = set()
     with History(root / "history.sqlite", config) as history:
         for number, rows in enumerate(days, start=1):
@@ -185,8 +187,6 @@ def ctune_dedup(days: list[list[dict[str, Any]]], config: DedupConfig, root: Pat
 def datasketch_dedup(days: list[list[dict[str, Any]]], config: DedupConfig) -> set[str]:
     """The baseline: one MinHash object per row, MinHashLSH query then insert, candidates confirmed by their
     estimated Jaccard, exact copies by the same fingerprint."""
-    from datasketch import MinHash, MinHashLSH
-
     k = config.shingle_words
     template = MinHash(num_perm=config.num_perm, seed=config.seed)
     lsh = MinHashLSH(threshold=config.near_dup_threshold, num_perm=config.num_perm,
@@ -224,10 +224,6 @@ def bench_dedup(name: str, rows: list[dict[str, Any]], config: DedupConfig, repe
     by_id = {r["id"]: r for r in rows + day1 + day2}
     close = {p for p in planted
              if exact_jaccard(by_id[p], by_id[p.rsplit("-", 1)[0]], config.shingle_words) >= config.near_dup_threshold}
-    import datasketch  # noqa: F401 -- imported before the clock starts (the first run would pay its ~0.5 s import)
-
-    from ctune_ops.selection import dedup  # noqa: F401
-
     times: dict[str, list[float]] = {"ctune": [], "datasketch": []}
     results: dict[str, set[str]] = {}
     for _ in range(repeat):
