@@ -260,11 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     ws = Workspace.open(args.workspace)
     config = ws.config
     n_score, n_base, n_dedup = (300, 40, 2000) if args.small else (2000, 200, 12000)
-    repeat = 1 if args.small else 5  # dedup: best of 5 (either side can lose 30% to a noisy neighbour)
+    dedup_repeat = 1 if args.small else 5  # dedup: best of 5 (either side can lose 30% to a noisy neighbour)
     score_repeat = 1 if args.small else 3  # scoring: best of 3 of each side
     out: dict[str, Any] = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                            "torch_threads": torch.get_num_threads(), "small": args.small, "targets": TARGETS,
-                           "best_of": {"scoring": score_repeat, "dedup": repeat}}
+                           "best_of": {"scoring": score_repeat, "dedup": dedup_repeat}}
     # the matmul rate before and after the scoring, the higher counts: this machine's speed drifts by up to 25%
     # from minute to minute, and a rate caught low would flatter the FLOP shares
     rate_before = matmul_rate()
@@ -282,14 +282,15 @@ def main(argv: list[str] | None = None) -> int:
     out["matmul_gflops"] = rate / 1e9
     out["scoring"] = scoring
     dedup_config = config.dedup
-    dedup = [bench_dedup("world", world_rows(ws, n_dedup, cycle=False), dedup_config, repeat)]
+    dedup = [bench_dedup("world", world_rows(ws, n_dedup, cycle=False), dedup_config, dedup_repeat)]
     medquad = medquad_rows(n_dedup)
     if medquad:
-        dedup.append(bench_dedup("medquad", medquad, dedup_config, repeat))
+        dedup.append(bench_dedup("medquad", medquad, dedup_config, dedup_repeat))
     out["dedup"] = dedup
 
     print(f"selection benchmark: {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
-          f"fp32 matmul {rate / 1e9:.1f} GFLOP/s; runs per side, the best kept: scoring {score_repeat}, dedup {repeat}")
+          f"fp32 matmul {rate / 1e9:.1f} GFLOP/s; runs per side, the best kept: scoring {score_repeat}, "
+          f"dedup {dedup_repeat}")
     print(f"{'scoring':<10}{'rows':>7}{'batched rows/s':>16}{'one-row rows/s':>16}{'ratio':>8}"
           f"{'GFLOP/s':>9}{'share':>7}{'one-row share':>15}{'ceiling':>9}{'max|dL|':>9}")
     for e in scoring:
