@@ -38,6 +38,8 @@ def test_selection_benchmark_small(small_world, tmp_path: Path) -> None:  # noqa
     assert world["workload"] == "world" and world["max_abs_diff_l_cond"] < 1e-4  # batched = one-row reference
     assert {d["workload"] for d in result["dedup"]} >= {"world"}
     assert all(0 <= d["ctune_recall"] <= 1 for d in result["dedup"])
+    # a day run against the history kept on disk drops what the same day dropped with both days in one process
+    assert all(d["daily"]["same_drops_as_in_process"] and d["daily"]["ctune_dropped"] > 0 for d in result["dedup"])
 
 
 def test_dag_parse_benchmark_small(tmp_path: Path) -> None:
