@@ -289,18 +289,18 @@ def bench_daily(day1: list[dict[str, Any]], day2: list[dict[str, Any]], config: 
     dropped: dict[str, set[str]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        kept, run = folder / "history-day1.sqlite", folder / "history.sqlite"
-        ctune_daily_run(day1, "2026-01-01", config, kept)
+        day1_history, history = folder / "history-day1.sqlite", folder / "history.sqlite"
+        ctune_daily_run(day1, "2026-01-01", config, day1_history)
         state = datasketch_state(config)
         datasketch_dedup([day1], config, state)
-        kept_index, index = folder / "lsh-day1.pkl", folder / "lsh.pkl"
-        kept_index.write_bytes(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
+        day1_index, index = folder / "lsh-day1.pkl", folder / "lsh.pkl"
+        day1_index.write_bytes(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
         for _ in range(repeat):
-            shutil.copyfile(kept, run)
+            shutil.copyfile(day1_history, history)
             start = time.perf_counter()
-            dropped["ctune"] = ctune_daily_run(day2, "2026-01-02", config, run)
+            dropped["ctune"] = ctune_daily_run(day2, "2026-01-02", config, history)
             times["ctune"].append(time.perf_counter() - start)
-            shutil.copyfile(kept_index, index)
+            shutil.copyfile(day1_index, index)
             start = time.perf_counter()
             dropped["datasketch"] = datasketch_daily_run(day2, config, index)
             times["datasketch"].append(time.perf_counter() - start)
