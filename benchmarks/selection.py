@@ -233,12 +233,17 @@ def datasketch_dedup(days: list[list[dict[str, Any]]], config: DedupConfig,
     return dropped
 
 
+def save_datasketch_state(state: dict[str, Any], path: Path) -> None:
+    """The baseline's index on disk: pickle, what MinHashLSH offers besides a Redis or Cassandra server."""
+    path.write_bytes(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
+
+
 def datasketch_daily_run(rows: list[dict[str, Any]], config: DedupConfig, path: Path) -> set[str]:
-    """One day as a daily job around datasketch must run it: load the index kept on disk (pickle, what
-    MinHashLSH offers besides a Redis or Cassandra server), check and add the day, save the index."""
+    """One day as a daily job around datasketch must run it: load the index kept on disk, check and add the
+    day, save the index."""
     state = pickle.loads(path.read_bytes())
     dropped = datasketch_dedup([rows], config, state)
-    path.write_bytes(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
+    save_datasketch_state(state, path)
     return dropped
 
 
@@ -294,7 +299,7 @@ def bench_daily(day1: list[dict[str, Any]], day2: list[dict[str, Any]], config: 
         state = datasketch_state(config)
         datasketch_dedup([day1], config, state)
         day1_index, index = folder / "lsh-day1.pkl", folder / "lsh.pkl"
-        day1_index.write_bytes(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
+        save_datasketch_state(state, day1_index)
         for _ in range(repeat):
             shutil.copyfile(day1_history, history)
             start = time.perf_counter()
