@@ -125,22 +125,28 @@ def bench_scoring(ws: Workspace, name: str, records: list[dict[str, Any]], basel
     alternating between the two (one run of either can lose a quarter of its speed to this machine's drift)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ctune_ops.selection.scorer import batch_tokens_for, reference_losses, score_rows, tokenize_rows
+    from ctune_ops.selection.scorer import (
+        batch_tokens_for,
+        cpu_workers_for,
+        reference_losses,
+        score_rows,
+        tokenize_rows,
+    )
 
     config = ws.config
     path = ws.model_path(config.models.proxy_base)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     rows = tokenize_rows(tokenizer, records, config.models.prompt, config.models.max_length)
-    batch_tokens = batch_tokens_for(model, config.score)
-    score_rows(model, tokenizer, rows[:64], batch_tokens, config.score.batch_rows)  # warm-up
+    batch_tokens, workers = batch_tokens_for(model, config.score), cpu_workers_for(config.score)
+    score_rows(model, tokenizer, rows[:64], batch_tokens, config.score.batch_rows, workers=workers)  # warm-up
     # a random sample, not the first rows: the world's first rows are the day-0 corpus's, 8% shorter than the mean
     sample = sorted(random.Random(BASELINE_SEED).sample(range(len(rows)), min(baseline_rows, len(rows))))
     subset = [rows[i] for i in sample]
     batched_s = subset_s = float("inf")
     for _ in range(repeat):
         start = time.perf_counter()
-        scores = score_rows(model, tokenizer, rows, batch_tokens, config.score.batch_rows)
+        scores = score_rows(model, tokenizer, rows, batch_tokens, config.score.batch_rows, workers=workers)
         batched_s = min(batched_s, time.perf_counter() - start)
         start = time.perf_counter()
         reference = [reference_losses(model, tokenizer, r) for r in subset]

@@ -402,13 +402,16 @@ class ScoreConfig(_Strict):
     batches keep the matrix multiplications efficient and the kernel launches few. On a CPU a batch's activations
     should stay in the cores' caches instead: the demo's proxy on 2 cores (2 MiB L2 each) scores 12-15% faster
     at 1,024-3,072 tokens than at 8,192 (world and MedQuAD rows, ``benchmarks/selection.py``); a wider proxy wants
-    fewer tokens per batch.
+    fewer tokens per batch. And a small proxy's operators barely gain from a second thread, so the CPU scores
+    ``cpu_workers`` batches at once, each operator on one thread.
     """
 
     batch_tokens: int = Field(default=8192, ge=64, description="padded tokens per batch on a GPU")
     cpu_batch_tokens: int = Field(default=2048, ge=64, description="padded tokens per batch on the CPU")
     batch_rows: int = Field(default=128, ge=1)
     threads: int = Field(default=0, ge=0, description="torch CPU threads; 0 leaves torch's default")
+    cpu_workers: int = Field(default=0, ge=0, description="batches scored at once on the CPU, each operator on one "
+                             "thread; 0: one per torch thread, 1: one batch at a time on every thread")
     progress: bool = True
 
     def tokens_per_batch(self, device_type: str) -> int:

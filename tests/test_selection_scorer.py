@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 
 from ctune_ops.records import read_jsonl
-from ctune_ops.selection.scorer import batch_tokens_for, plan_batches, reference_losses, score_rows, tokenize_rows
+from ctune_ops.selection.scorer import (
+    batch_tokens_for,
+    cpu_workers_for,
+    plan_batches,
+    reference_losses,
+    score_rows,
+    tokenize_rows,
+)
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +55,26 @@ def test_batched_scores_equal_one_row_reference(small_world, proxy) -> None:  # 
     assert np.allclose(scores.ifd, np.exp(reference[:, 0] - reference[:, 1]), rtol=1e-4)
     assert np.allclose(scores.ppl, np.exp(reference[:, 0]), rtol=1e-4)
     assert (scores.scored_tokens == [len(r.output) for r in rows]).all()
+
+
+def test_batches_on_worker_threads_score_as_one_thread_does(small_world, proxy) -> None:  # noqa: ANN001
+    """Several batches at once on the CPU (one thread per operator): the same scores, the same order, the
+    progress of every row, and torch's thread count as it was before."""
+    import torch
+
+    model, tokenizer = proxy
+    rows = tokenize_rows(tokenizer, _mixed_rows(small_world), small_world.config.models.prompt, max_length=64)
+    threads = torch.get_num_threads()
+    serial = score_rows(model, tokenizer, rows, batch_tokens=400, batch_rows=7, workers=1)
+    seen: list[int] = []
+    pooled = score_rows(model, tokenizer, rows, batch_tokens=400, batch_rows=7, progress=seen.append, workers=3)
+    assert torch.get_num_threads() == threads
+    assert sum(seen) == len(rows) + len({r.output_key for r in rows}) and len(seen) > 6
+    assert np.abs(pooled.l_cond - serial.l_cond).max() < 1e-6
+    assert np.abs(pooled.l_out - serial.l_out).max() < 1e-6
+    assert (pooled.scored_tokens == serial.scored_tokens).all()
+    assert cpu_workers_for(small_world.config.score) == threads  # 0: one worker per torch thread
+    assert cpu_workers_for(small_world.config.score.model_copy(update={"cpu_workers": 1})) == 1
 
 
 def test_cached_output_losses_are_used(small_world, proxy) -> None:  # noqa: ANN001

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,18 +107,19 @@ def sequence_losses(
     batch_tokens: int,
     batch_rows: int,
     progress: Callable[[int], None] | None = None,
+    workers: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Mean next-token NLL of ``sequences[i][scored_from[i]:]`` (each token predicted from all before it), and
-    how many tokens that mean is over. ``scored_from[i] >= 1``."""
+    how many tokens that mean is over. ``scored_from[i] >= 1``. ``workers`` > 1 (CPU only): that many batches run
+    at once, each operator on one thread (see :func:`cpu_workers_for`)."""
     import torch
 
     device = next(model.parameters()).device
     head_only = _head_only_ok(model)
     trunk = model.base_model if head_only else None
     head = model.get_output_embeddings() if head_only else None
-    means = np.zeros(len(sequences), dtype=np.float64)
-    counts = np.zeros(len(sequences), dtype=np.int64)
-    for batch in plan_batches([len(s) for s in sequences], batch_tokens, batch_rows):
+
+    def batch_losses(batch: list[int]) -> tuple[np.ndarray, np.ndarray]:
         width = max(len(sequences[i]) for i in batch)
         ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -132,7 +135,7 @@ def sequence_losses(
         row_t = torch.as_tensor(rows, device=device)
         pos_t = torch.as_tensor(positions, device=device)
         tgt_t = torch.as_tensor(targets, device=device)
-        with torch.inference_mode():
+        with torch.inference_mode():  # per thread: a worker thread needs its own
             if head_only:
                 hidden = trunk(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
                 logits = head(hidden[row_t, pos_t]).float()
@@ -141,12 +144,48 @@ def sequence_losses(
             nll = torch.nn.functional.cross_entropy(logits, tgt_t, reduction="none")
             sums = torch.zeros(len(batch), dtype=torch.float64, device=device).index_add_(0, row_t, nll.double())
             n = torch.bincount(row_t, minlength=len(batch))
-        batch_index = np.asarray(batch)
-        counts[batch_index] = n.cpu().numpy()
-        means[batch_index] = (sums.cpu() / n.cpu().clamp(min=1)).numpy()
-        if progress:
-            progress(len(batch))
+        return (sums.cpu() / n.cpu().clamp(min=1)).numpy(), n.cpu().numpy()
+
+    means = np.zeros(len(sequences), dtype=np.float64)
+    counts = np.zeros(len(sequences), dtype=np.int64)
+    batches = plan_batches([len(s) for s in sequences], batch_tokens, batch_rows)
+    with _batch_runner(workers if device.type == "cpu" else 1) as run:
+        for batch, (batch_means, batch_counts) in zip(batches, run(batch_losses, batches), strict=True):
+            means[batch], counts[batch] = batch_means, batch_counts
+            if progress:
+                progress(len(batch))
     return means, counts
+
+
+def cpu_workers_for(score: ScoreConfig) -> int:
+    """How many batches the CPU scores at once: ``score.cpu_workers``, else one per torch thread.
+
+    Why: the proxy's operators are small (the demo's: 128 wide, a few thousand tokens a batch), and two threads
+    on one operator barely beat one (2 cores: 1.15-1.6x); one batch per core with single-threaded operators
+    keeps both cores busy (2 cores, alternating runs, best of 7 and 5: 2,000 world rows 2.01 -> 1.60 s, 400
+    MedQuAD rows 6.26 -> 5.22 s; an earlier machine with faster cores measured no gain, and no loss). A batch's
+    numbers do not depend on which worker ran it (the same losses to the bit on those rows)."""
+    import torch
+
+    return score.cpu_workers or torch.get_num_threads()
+
+
+@contextmanager
+def _batch_runner(workers: int) -> Iterator[Callable[[Callable[[Any], Any], list[Any]], Iterator[Any]]]:
+    """A ``map`` over batches: the builtin one for one worker; else a thread pool of ``workers`` threads, torch's
+    intra-op threads set to one while it runs (threads started then inherit it) and restored after."""
+    if workers <= 1:
+        yield map
+        return
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="ctune-score") as pool:
+            yield pool.map
+    finally:
+        torch.set_num_threads(previous)
 
 
 @dataclass(frozen=True)
@@ -169,6 +208,7 @@ def score_rows(
     batch_rows: int,
     cached: dict[str, float] | None = None,
     progress: Callable[[int], None] | None = None,
+    workers: int = 1,
 ) -> Scores:
     """Scores of tokenized rows; ``cached`` maps :attr:`RowTokens.output_key` to a known ``L_out``.
 
@@ -178,7 +218,7 @@ def score_rows(
     cached = dict(cached or {})
     cond_seqs = [[*r.prompt, *r.output] for r in rows]
     l_cond, counts = sequence_losses(model, cond_seqs, [len(r.prompt) for r in rows], pad, batch_tokens,
-                                     batch_rows, progress)
+                                     batch_rows, progress, workers)
     start = start_token(tokenizer)
     todo: dict[str, list[int]] = {}
     for r in rows:
@@ -188,7 +228,7 @@ def score_rows(
     if todo:
         keys = sorted(todo)
         losses, _ = sequence_losses(model, [todo[k] for k in keys], [1] * len(keys), pad, batch_tokens,
-                                    batch_rows, progress)
+                                    batch_rows, progress, workers)
         fresh = dict(zip(keys, losses.tolist(), strict=True))
     else:
         fresh = {}

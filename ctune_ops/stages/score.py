@@ -18,7 +18,7 @@ import numpy as np
 from ctune_ops.config import SelectConfig
 from ctune_ops.selection.history import TRAINED, History
 from ctune_ops.selection.proxy_model import load_proxy
-from ctune_ops.selection.scorer import Scores, batch_tokens_for, score_rows, tokenize_rows
+from ctune_ops.selection.scorer import Scores, batch_tokens_for, cpu_workers_for, score_rows, tokenize_rows
 from ctune_ops.stages import StageError, StageResult
 from ctune_ops.stages.dedup import open_history, read_stage_input, write_report
 from ctune_ops.workspace import Workspace, atomic_write_bytes
@@ -96,7 +96,8 @@ def run(ws: Workspace, date: str) -> StageResult:
         with tqdm(total=2 * len(rows), desc=f"score {date}", unit="seq", disable=not config.score.progress,
                   leave=False) as bar:
             scores = score_rows(proxy.model, proxy.tokenizer, rows, batch_tokens_for(proxy.model, config.score),
-                                config.score.batch_rows, cached, progress=bar.update)
+                                config.score.batch_rows, cached, progress=bar.update,
+                                workers=cpu_workers_for(config.score))
         fresh = {r.output_key: (float(scores.l_out[i]), len(r.output)) for i, r in enumerate(rows)
                  if not scores.l_out_cached[i]}
         history.store_losses(fresh, proxy.version)
