@@ -19,6 +19,12 @@ def test_shipped_params_are_the_defaults() -> None:
     assert parse_config(read_yaml(resource_text("params.yaml"))) == CtuneConfig()
 
 
+@pytest.mark.parametrize("name", ["params.yaml", "dvc.yaml"])
+def test_repository_copies_are_the_shipped_files(name: str) -> None:
+    """The repository root shows the files ``ctune init`` copies (DESIGN's layout); they must not drift apart."""
+    assert (Path(__file__).resolve().parents[1] / name).read_text() == resource_text(name)
+
+
 def test_unknown_key_names_file_line_and_key() -> None:
     message = _error("world:\n  seed: 1\n  rows_per_dya: 5\n")
     assert "p.yaml:3" in message and "world.rows_per_dya" in message and "unknown key" in message
