@@ -10,6 +10,8 @@ import pytest
 from ctune_ops.records import read_jsonl
 from ctune_ops.selection.scorer import (
     batch_tokens_for,
+    cache_version,
+    compute_dtype_for,
     cpu_workers_for,
     plan_batches,
     reference_losses,
@@ -75,6 +77,23 @@ def test_batches_on_worker_threads_score_as_one_thread_does(small_world, proxy) 
     assert (pooled.scored_tokens == serial.scored_tokens).all()
     assert cpu_workers_for(small_world.config.score) == threads  # 0: one worker per torch thread
     assert cpu_workers_for(small_world.config.score.model_copy(update={"cpu_workers": 1})) == 1
+
+
+def test_bfloat16_autocast_scores_near_float32(small_world, proxy) -> None:  # noqa: ANN001
+    """``score.dtype: bfloat16`` runs the forward under autocast (it changes the losses: not a no-op) and stays
+    within a few hundredths of the float32 reference; ``auto`` keeps float32 on the CPU; the L_out cache keys
+    of the two precisions differ, float32's being the proxy version alone."""
+    model, tokenizer = proxy
+    score = small_world.config.score
+    rows = tokenize_rows(tokenizer, _mixed_rows(small_world), small_world.config.models.prompt, max_length=64)
+    reference = np.array([reference_losses(model, tokenizer, r) for r in rows])
+    half = score_rows(model, tokenizer, rows, batch_tokens=400, batch_rows=7, workers=2, dtype="bfloat16")
+    for column, losses in ((0, half.l_cond), (1, half.l_out)):
+        assert 1e-4 < np.abs(losses - reference[:, column]).max() < 0.05
+    assert score.dtype == "auto" and compute_dtype_for(model, score) == "float32"
+    assert compute_dtype_for(model, score.model_copy(update={"dtype": "bfloat16"})) == "bfloat16"
+    assert cache_version("v3:models/proxy", "float32") == "v3:models/proxy"
+    assert cache_version("v3:models/proxy", "bfloat16") == "v3:models/proxy@bfloat16"
 
 
 def test_cached_output_losses_are_used(small_world, proxy) -> None:  # noqa: ANN001

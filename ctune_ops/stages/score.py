@@ -18,7 +18,15 @@ import numpy as np
 from ctune_ops.config import SelectConfig
 from ctune_ops.selection.history import TRAINED, History
 from ctune_ops.selection.proxy_model import load_proxy
-from ctune_ops.selection.scorer import Scores, batch_tokens_for, cpu_workers_for, score_rows, tokenize_rows
+from ctune_ops.selection.scorer import (
+    Scores,
+    batch_tokens_for,
+    cache_version,
+    compute_dtype_for,
+    cpu_workers_for,
+    score_rows,
+    tokenize_rows,
+)
 from ctune_ops.stages import StageError, StageResult
 from ctune_ops.stages.dedup import open_history, read_stage_input, write_report
 from ctune_ops.workspace import Workspace, atomic_write_bytes
@@ -87,20 +95,22 @@ def run(ws: Workspace, date: str) -> StageResult:
     config = ws.config
     records = read_stage_input(ws.unique(date), ws, "dedup")
     proxy = load_proxy(ws, config.score.threads)
+    dtype = compute_dtype_for(proxy.model, config.score)
+    cache_key = cache_version(proxy.version, dtype)
     with open_history(ws) as history:
         reference = calibration_sample(history, config.select, date)
         everything = records + reference
         rows = tokenize_rows(proxy.tokenizer, everything, config.models.prompt, config.models.max_length)
         cached = {key: loss for key, (loss, _) in
-                  history.cached_losses([r.output_key for r in rows], proxy.version).items()}
+                  history.cached_losses([r.output_key for r in rows], cache_key).items()}
         with tqdm(total=2 * len(rows), desc=f"score {date}", unit="seq", disable=not config.score.progress,
                   leave=False) as bar:
             scores = score_rows(proxy.model, proxy.tokenizer, rows, batch_tokens_for(proxy.model, config.score),
                                 config.score.batch_rows, cached, progress=bar.update,
-                                workers=cpu_workers_for(config.score))
+                                workers=cpu_workers_for(config.score), dtype=dtype)
         fresh = {r.output_key: (float(scores.l_out[i]), len(r.output)) for i, r in enumerate(rows)
                  if not scores.l_out_cached[i]}
-        history.store_losses(fresh, proxy.version)
+        history.store_losses(fresh, cache_key)
     n = len(records)
     write_parquet(ws.scored(date), _columns(records, rows, scores, 0, n))
     write_parquet(calibration_path(ws, date), _columns(reference, rows, scores, n, len(rows)))
@@ -111,6 +121,7 @@ def run(ws: Workspace, date: str) -> StageResult:
         "calibration_rows": len(reference),
         "proxy": proxy.version,
         "device": str(next(proxy.model.parameters()).device),
+        "dtype": dtype,
         "truncated": sum(1 for r in rows[:n] if r.truncated),
         "scored_tokens": int(scores.scored_tokens[:n].sum()),
     }
