@@ -409,7 +409,7 @@ class ScoreConfig(_Strict):
     1e-4; ``bfloat16`` runs them under autocast (losses still summed in float32), as Hugging Face inference does on a
     GPU: a 0.5B proxy's products run on the tensor cores instead of fp32's units, for NLLs about 0.01-0.02 off
     (demo proxy, world and MedQuAD rows). ``auto`` takes bfloat16 on a CUDA device that supports it, float32 on the
-    CPU, where autocast gains less (2 cores with AMX: 1.35-1.45x) and the demo's figures stay those of fp32.
+    CPU, where autocast gains less (2 cores with AMX: 1.3-1.5x) and the demo's figures stay those of fp32.
     """
 
     batch_tokens: int = Field(default=8192, ge=64, description="padded tokens per batch on a GPU")

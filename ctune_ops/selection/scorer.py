@@ -172,7 +172,7 @@ def compute_dtype_for(model: Any, score: ScoreConfig) -> str:
     Why bfloat16 on a GPU: a 0.5B proxy in float32 leaves the tensor cores idle, and scoring is a filter whose
     threshold (tau_known) is recomputed each day with the same scorer, so a shared 0.01-0.02 shift in the NLLs
     moves rows only at the margin. On the CPU ``auto`` keeps float32: autocast gains less there (the demo proxy on
-    2 cores with AMX: 1.35-1.45x) and the one-row reference holds to 1e-4."""
+    2 cores with AMX: 1.3-1.5x) and the one-row reference holds to 1e-4."""
     if score.dtype != "auto":
         return score.dtype
     device = next(model.parameters()).device
