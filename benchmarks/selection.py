@@ -128,30 +128,22 @@ def bench_scoring(ws: Workspace, score: ScoreConfig, name: str, records: list[di
     this machine's drift)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ctune_ops.selection.scorer import (
-        batch_tokens_for,
-        compute_dtype_for,
-        cpu_workers_for,
-        reference_losses,
-        score_rows,
-        tokenize_rows,
-    )
+    from ctune_ops.selection.scorer import reference_losses, score_rows, scoring_settings, tokenize_rows
 
     config = ws.config
     path = ws.model_path(config.models.proxy_base)
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     rows = tokenize_rows(tokenizer, records, config.models.prompt, config.models.max_length)
-    batch_tokens, workers = batch_tokens_for(model, score), cpu_workers_for(score)
-    dtype = compute_dtype_for(model, score)
-    score_rows(model, tokenizer, rows[:64], batch_tokens, score.batch_rows, workers=workers, dtype=dtype)  # warm-up
+    settings = scoring_settings(model, score)
+    score_rows(model, tokenizer, rows[:64], **settings)  # warm-up
     # a random sample, not the first rows: the world's first rows are the day-0 corpus's, 8% shorter than the mean
     sample = sorted(random.Random(BASELINE_SEED).sample(range(len(rows)), min(baseline_rows, len(rows))))
     subset = [rows[i] for i in sample]
     batched_s = subset_s = float("inf")
     for _ in range(repeat):
         start = time.perf_counter()
-        scores = score_rows(model, tokenizer, rows, batch_tokens, score.batch_rows, workers=workers, dtype=dtype)
+        scores = score_rows(model, tokenizer, rows, **settings)
         batched_s = min(batched_s, time.perf_counter() - start)
         start = time.perf_counter()
         reference = [reference_losses(model, tokenizer, r) for r in subset]
@@ -160,7 +152,7 @@ def bench_scoring(ws: Workspace, score: ScoreConfig, name: str, records: list[di
     worst = max(abs(scores.l_cond[i] - ref[0]) for i, ref in zip(sample, reference, strict=True))
     flops = useful_flops(model, rows)
     return {
-        "workload": name, "rows": len(rows), "baseline_rows_timed": len(subset), "dtype": dtype,
+        "workload": name, "rows": len(rows), "baseline_rows_timed": len(subset), "dtype": settings["dtype"],
         "tokens": sum(len(r.prompt) + 2 * len(r.output) + 1 for r in rows),
         "truncated": sum(1 for r in rows if r.truncated),
         "batched_rows_per_s": len(rows) / batched_s, "baseline_rows_per_s": len(rows) / baseline_s,

@@ -16,6 +16,7 @@ from ctune_ops.selection.scorer import (
     plan_batches,
     reference_losses,
     score_rows,
+    scoring_settings,
     tokenize_rows,
 )
 
@@ -121,3 +122,5 @@ def test_batch_bound_follows_the_model_device(small_world, proxy) -> None:  # no
     score = small_world.config.score
     assert next(model.parameters()).device.type == "cpu"
     assert batch_tokens_for(model, score) == score.cpu_batch_tokens != score.batch_tokens
+    assert scoring_settings(model, score) == {"batch_tokens": score.cpu_batch_tokens, "batch_rows": score.batch_rows,
+                                              "workers": cpu_workers_for(score), "dtype": "float32"}

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -181,6 +181,22 @@ def compute_dtype_for(model: Any, score: ScoreConfig) -> str:
     import torch
 
     return BFLOAT16 if torch.cuda.is_bf16_supported() else FLOAT32
+
+
+class ScoringSettings(TypedDict):
+    """The keyword arguments :func:`score_rows` and :func:`sequence_losses` take from ``score`` for one model."""
+
+    batch_tokens: int
+    batch_rows: int
+    workers: int
+    dtype: str
+
+
+def scoring_settings(model: Any, score: ScoreConfig) -> ScoringSettings:
+    """How ``model`` scores under ``score``: every caller (the score stage, the proxy stage's calibration losses,
+    the benchmark) resolves the settings here, so all of them score a row the same way."""
+    return ScoringSettings(batch_tokens=batch_tokens_for(model, score), batch_rows=score.batch_rows,
+                           workers=cpu_workers_for(score), dtype=compute_dtype_for(model, score))
 
 
 def cache_version(proxy_version: str, dtype: str) -> str:

@@ -20,11 +20,9 @@ from ctune_ops.selection.history import TRAINED, History
 from ctune_ops.selection.proxy_model import load_proxy
 from ctune_ops.selection.scorer import (
     Scores,
-    batch_tokens_for,
     cache_version,
-    compute_dtype_for,
-    cpu_workers_for,
     score_rows,
+    scoring_settings,
     tokenize_rows,
 )
 from ctune_ops.stages import StageError, StageResult
@@ -95,8 +93,8 @@ def run(ws: Workspace, date: str) -> StageResult:
     config = ws.config
     records = read_stage_input(ws.unique(date), ws, "dedup")
     proxy = load_proxy(ws, config.score.threads)
-    dtype = compute_dtype_for(proxy.model, config.score)
-    cache_key = cache_version(proxy.version, dtype)
+    settings = scoring_settings(proxy.model, config.score)
+    cache_key = cache_version(proxy.version, settings["dtype"])
     with open_history(ws) as history:
         reference = calibration_sample(history, config.select, date)
         everything = records + reference
@@ -105,9 +103,7 @@ def run(ws: Workspace, date: str) -> StageResult:
                   history.cached_losses([r.output_key for r in rows], cache_key).items()}
         with tqdm(total=2 * len(rows), desc=f"score {date}", unit="seq", disable=not config.score.progress,
                   leave=False) as bar:
-            scores = score_rows(proxy.model, proxy.tokenizer, rows, batch_tokens_for(proxy.model, config.score),
-                                config.score.batch_rows, cached, progress=bar.update,
-                                workers=cpu_workers_for(config.score), dtype=dtype)
+            scores = score_rows(proxy.model, proxy.tokenizer, rows, cached=cached, progress=bar.update, **settings)
         fresh = {r.output_key: (float(scores.l_out[i]), len(r.output)) for i, r in enumerate(rows)
                  if not scores.l_out_cached[i]}
         history.store_losses(fresh, cache_key)
@@ -121,7 +117,7 @@ def run(ws: Workspace, date: str) -> StageResult:
         "calibration_rows": len(reference),
         "proxy": proxy.version,
         "device": str(next(proxy.model.parameters()).device),
-        "dtype": dtype,
+        "dtype": settings["dtype"],
         "truncated": sum(1 for r in rows[:n] if r.truncated),
         "scored_tokens": int(scores.scored_tokens[:n].sum()),
     }
