@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -94,8 +97,36 @@ def _simple_evaluate(model: str | Any, task_files: list[Path], *, peft: str | No
     lm = model if not isinstance(model, str) else HFLM(
         pretrained=model, peft=peft, device=resolve_device(device), dtype="float32", batch_size=batch_size
     )
-    results = lm_eval.simple_evaluate(
-        model=lm, tasks=configs, task_manager=manager, limit=limit,
-        bootstrap_iters=0, log_samples=log_samples, num_fewshot=0,
-    )
+    with _git_hash_of(Path(task_files[0]).parent):
+        results = lm_eval.simple_evaluate(
+            model=lm, tasks=configs, task_manager=manager, limit=limit,
+            bootstrap_iters=0, log_samples=log_samples, num_fewshot=0,
+        )
     return configs, results
+
+
+@contextmanager
+def _git_hash_of(folder: Path) -> Iterator[None]:
+    """Make lm-eval record the commit of the repository holding the tasks (a workspace: the version of the data
+    evaluated), quietly. Why: lm-eval runs ``git describe`` in the current directory, which under Airflow or the
+    demo is no repository, and git prints "fatal: not a git repository" into every stage's log; where it is one
+    (a checkout of ctune) that commit says nothing about what was evaluated."""
+    from lm_eval import evaluator
+
+    def describe() -> str | None:
+        try:
+            done = subprocess.run(["git", "describe", "--always"], cwd=folder, capture_output=True, text=True,
+                                  check=False)
+        except OSError:  # no git on the machine
+            return None
+        return (done.stdout.strip() or None) if done.returncode == 0 else None
+
+    original = getattr(evaluator, "get_git_commit_hash", None)
+    if original is None:  # a later lm-eval that no longer records it
+        yield
+        return
+    evaluator.get_git_commit_hash = describe
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = original

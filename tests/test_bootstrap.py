@@ -46,8 +46,10 @@ def test_tokenizer_encodes_anything(small_world: Workspace) -> None:
     assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
 
 
-def test_lm_eval_runs_the_generated_tasks(small_world: Workspace) -> None:
+def test_lm_eval_runs_the_generated_tasks(small_world: Workspace, tmp_path, monkeypatch, capfd) -> None:
+    monkeypatch.chdir(tmp_path)  # no git repository here, as a stage's working directory under Airflow
     scores = evaluate_world_model(small_world, model="base", limit=40)
+    assert "not a git repository" not in capfd.readouterr().err  # lm-eval's `git describe` kept quiet
     assert set(scores) == {"ctune_retention", "ctune_target", "ctune_new"}
     files = {path.stem: path.with_suffix(".jsonl") for path in world_task_files(small_world)}
     for task, row in scores.items():
@@ -67,3 +69,16 @@ def test_task_yaml_survives_a_moved_workspace(small_world: Workspace, tmp_path) 
     yaml_path.write_text(yaml_path.read_text().replace(str(small_world.root), "/old/place"))
     config = lmeval.load_task(yaml_path)
     assert config["dataset_kwargs"]["data_files"]["test"] == str(moved / "ctune_retention.jsonl")
+
+
+def test_lm_eval_records_the_workspace_commit(small_world: Workspace, tmp_path, monkeypatch) -> None:
+    from lm_eval import evaluator
+
+    monkeypatch.chdir(tmp_path)
+    original = evaluator.get_git_commit_hash
+    with lmeval._git_hash_of(world_task_files(small_world)[0].parent):
+        recorded = evaluator.get_git_commit_hash()
+    assert recorded == small_world.git("describe", "--always").stdout.strip()
+    assert evaluator.get_git_commit_hash is original
+    with lmeval._git_hash_of(tmp_path):  # tasks outside any repository: nothing recorded, nothing printed
+        assert evaluator.get_git_commit_hash() is None
