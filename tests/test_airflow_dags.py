@@ -144,6 +144,11 @@ def test_backfill_matches_the_sequential_run(airflow_world, small_world, tmp_pat
     states = {run["run_id"]: local.task_states("ctune_daily", run["run_id"]) for run in runs}
     assert [run["logical_date"][:10] for run in runs] == list(DAYS)
     assert all(run["state"] == "success" and run["run_type"] == "backfill" for run in runs), (runs, states)
+    # Airflow logs whatever a task prints on stderr at ERROR: a successful run leaves no such record (progress
+    # bars go to the task log at INFO, ctune_ops/airflow/task_log.py)
+    stderr = [f"{path.relative_to(local.home)}: {line[:300]}" for path in sorted((local.home / "logs").rglob("*.log"))
+              for line in path.read_text(errors="replace").splitlines() if '"logger":"task.stderr"' in line]
+    assert not stderr, stderr
 
     sequential = set_params(Workspace.open(shutil.copytree(small_world.root, tmp_path / "seq", symlinks=True)),
                             PARAMS)

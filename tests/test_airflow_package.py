@@ -158,3 +158,40 @@ def test_a_sqlite_cli_command_that_lost_a_lock_race_runs_again(tmp_path, monkeyp
     answers[:] = [(1, "database is locked")]
     assert postgres.airflow("backfill", "create", check=False).returncode == 1
     assert len(calls) == 1
+
+
+class _Records:
+    """A logger that keeps what it is given at INFO."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def info(self, message: str, *args: object) -> None:
+        self.lines.append(message % args)
+
+
+def test_a_stage_s_progress_bars_are_logged_at_info_not_printed_to_stderr(capsys) -> None:  # noqa: ANN001
+    """Airflow logs a task's stderr at ERROR: progress bars and other stderr writes of a stage become INFO records
+    (a bar's last state, and its state now and then while it runs); nothing reaches the real stderr."""
+    from tqdm import tqdm
+
+    from ctune_ops.airflow.task_log import stderr_as_log
+
+    quiet = _Records()
+    with stderr_as_log(quiet, interval_s=3600):
+        for _ in tqdm(range(50), desc="score 2026-01-01", mininterval=0):
+            pass
+        for _ in tqdm(range(50), desc="cleared", mininterval=0, leave=False):  # erases itself: nothing to log
+            pass
+        print("a plain line", file=sys.stderr)
+        sys.stderr.write("\rhalf a bar")  # closed without a newline
+    assert capsys.readouterr().err == ""
+    assert len(quiet.lines) == 3 and quiet.lines[1:] == ["a plain line", "half a bar"], quiet.lines
+    assert quiet.lines[0].startswith("score 2026-01-01: 100%") and "50/50" in quiet.lines[0]
+
+    every = _Records()  # no interval: each redraw is logged (the close redraws 3/3 with its final rate)
+    with stderr_as_log(every, interval_s=0):
+        for _ in tqdm(range(3), desc="bar", mininterval=0):
+            pass
+    counts = [line.split("|")[-1].split()[0] for line in every.lines]
+    assert list(dict.fromkeys(counts)) == ["0/3", "1/3", "2/3", "3/3"], every.lines

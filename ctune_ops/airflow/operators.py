@@ -68,13 +68,14 @@ class CtuneStageOperator(BaseOperator):
 
     def execute(self, context: Any) -> dict[str, Any]:
         from ctune_ops.airflow.dates import batch_date, context_batch_date  # at run time: not needed to parse
+        from ctune_ops.airflow.task_log import stderr_as_log
         from ctune_ops.stages import run_stage
 
         date = check_date(batch_date({"date": self.date}, None) if self.date else context_batch_date(context))
         ws = open_workspace(self.workspace)
         self.log.info("ctune stage %s for %s on %s", self.stage, date, ws.root)
         purpose = f"{self.task_id}: stage {self.stage} {date}"
-        with ws.lock(timeout_s=lock_timeout(self.lock_timeout_s), purpose=purpose):
+        with ws.lock(timeout_s=lock_timeout(self.lock_timeout_s), purpose=purpose), stderr_as_log(self.log):
             result = run_stage(ws, self.stage, date)
             if self.stage in DVC_STAGE_NAMES:
                 from ctune_ops.registry import record_stage

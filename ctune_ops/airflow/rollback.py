@@ -28,10 +28,12 @@ class RollbackOperator(BaseOperator):
         self.lock_timeout_s = lock_timeout_s
 
     def execute(self, context: Any) -> dict[str, Any]:
+        from ctune_ops.airflow.task_log import stderr_as_log
         from ctune_ops.registry import rollback
 
         ws = open_workspace(self.workspace)
-        with ws.lock(timeout_s=lock_timeout(self.lock_timeout_s), purpose=f"{self.task_id}: rollback {self.version}"):
+        purpose = f"{self.task_id}: rollback {self.version}"
+        with ws.lock(timeout_s=lock_timeout(self.lock_timeout_s), purpose=purpose), stderr_as_log(self.log):
             outcome = rollback(ws, self.version, after_step=lambda step: self.log.info("rollback step %s done", step))
         self.log.info("production: %s (was %s)", outcome.version, outcome.previous)
         return {"version": outcome.version, "previous": outcome.previous, "already": outcome.already}
