@@ -119,6 +119,15 @@ def _request(url: str, token: str | None = None, data: bytes | None = None,
         return exc.code, exc.read()
 
 
+def _stderr_records(local, dag_id: str) -> list[str]:  # noqa: ANN001
+    """Records of what the DAG's tasks printed on stderr, which Airflow logs at ERROR: a successful run should leave
+    none (a stage's progress bars go to the task log at INFO, ctune_ops/airflow/task_log.py)."""
+    logs = sorted(local.home.glob(f"logs/dag_id={dag_id}/**/*.log"))
+    assert logs, f"no task logs of {dag_id} under {local.home / 'logs'}"
+    return [f"{path.relative_to(local.home)}: {line[:300]}" for path in logs
+            for line in path.read_text(errors="replace").splitlines() if '"logger":"task.stderr"' in line]
+
+
 @pytest.fixture(scope="module")
 def airflow_world(small_world, tmp_path_factory):  # noqa: ANN001, ANN201
     """The small world's days through ctune_daily on `airflow standalone` (what `make airflow` runs; kept running
@@ -144,11 +153,7 @@ def test_backfill_matches_the_sequential_run(airflow_world, small_world, tmp_pat
     states = {run["run_id"]: local.task_states("ctune_daily", run["run_id"]) for run in runs}
     assert [run["logical_date"][:10] for run in runs] == list(DAYS)
     assert all(run["state"] == "success" and run["run_type"] == "backfill" for run in runs), (runs, states)
-    # Airflow logs whatever a task prints on stderr at ERROR: a successful run leaves no such record (progress
-    # bars go to the task log at INFO, ctune_ops/airflow/task_log.py)
-    stderr = [f"{path.relative_to(local.home)}: {line[:300]}" for path in sorted((local.home / "logs").rglob("*.log"))
-              for line in path.read_text(errors="replace").splitlines() if '"logger":"task.stderr"' in line]
-    assert not stderr, stderr
+    assert not _stderr_records(local, "ctune_daily")
 
     sequential = set_params(Workspace.open(shutil.copytree(small_world.root, tmp_path / "seq", symlinks=True)),
                             PARAMS)
@@ -215,5 +220,6 @@ def test_rollback_from_the_page_runs_the_rollback_dag(airflow_world) -> None:  #
     assert status in (200, 303)  # urllib follows the redirect to the page
     runs = local.wait_for_runs("ctune_rollback", count=1, timeout_s=BACKFILL_TIMEOUT_S)
     assert runs[-1]["state"] == "success", local.task_states("ctune_rollback", runs[-1]["run_id"])
+    assert not _stderr_records(local, "ctune_rollback")
     assert ws.current_version == "v1"
     assert Registry.load(ws).entries[-1]["kind"] == "rollback"
