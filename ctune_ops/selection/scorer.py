@@ -72,6 +72,11 @@ def start_token(tokenizer: Any) -> int:
     return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
 
+def pad_token(tokenizer: Any) -> int:
+    """The id that pads a batch (masked, never scored): the tokenizer's pad token, else its EOS."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def plan_batches(lengths: Sequence[int], batch_tokens: int, batch_rows: int) -> list[list[int]]:
     """Indices sorted by length, cut into batches of at most ``batch_rows`` rows and ``batch_tokens`` padded
     tokens (a single row longer than that gets a batch of its own). Depends on the lengths only, so the same
@@ -263,7 +268,7 @@ def score_rows(
 
     Each distinct uncached output is run once (many rows of a day share an answer).
     """
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_token(tokenizer)
     cached = dict(cached or {})
     cond_seqs = [[*r.prompt, *r.output] for r in rows]
     l_cond, counts = sequence_losses(model, cond_seqs, [len(r.prompt) for r in rows], pad, batch_tokens,

@@ -61,13 +61,12 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 def conditioned_losses(model: Any, tokenizer: Any, records: list[dict[str, Any]], ws: Workspace) -> np.ndarray:
     """Per-row ``L_cond`` (mean NLL of the output given the prompt), batched as the score stage does."""
-    from ctune_ops.selection.scorer import scoring_settings, sequence_losses, tokenize_rows
+    from ctune_ops.selection.scorer import pad_token, scoring_settings, sequence_losses, tokenize_rows
 
     config = ws.config
     rows = tokenize_rows(tokenizer, records, config.models.prompt, config.models.max_length)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    losses, _ = sequence_losses(model, [[*r.prompt, *r.output] for r in rows], [len(r.prompt) for r in rows], pad,
-                                **scoring_settings(model, config.score))
+    losses, _ = sequence_losses(model, [[*r.prompt, *r.output] for r in rows], [len(r.prompt) for r in rows],
+                                pad_token(tokenizer), **scoring_settings(model, config.score))
     return np.asarray(losses, dtype=float)
 
 
