@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="a workspace with a bootstrapped proxy (make demo creates demo-workspace)")
     parser.add_argument("--small", action="store_true",
                         help="fewer rows and one run a side, for CI: a smoke test, its ratios are not the figures")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16"],
+    parser.add_argument("--dtype", choices=get_args(ScoreConfig.model_fields["dtype"].annotation),
                         help="the batched scorer's score.dtype (default: the workspace's); the baseline stays float32")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "selection.json")
     args = parser.parse_args(argv)
