@@ -523,3 +523,22 @@ def test_the_rest_bucket_still_pulls_a_confident_student_back() -> None:
     rest_grad = logits.grad[0, :2, top_k:]
     assert torch.isfinite(loss) and float(loss.detach()) > 2 * 0.1 * 50  # 0.1 * -log(1e-25) per position
     torch.testing.assert_close(rest_grad, torch.full_like(rest_grad, -0.1 / (vocab - top_k)), rtol=1e-3, atol=0)
+
+
+def test_wrapping_a_model_in_lora_logs_no_deprecation_of_ctune_s_stack() -> None:
+    """peft asks each model it wraps for transformers' deprecated ``is_gradient_checkpointing``; with ctune_ops
+    imported (as every stage and operator is) that FutureWarning stays out of the task logs. The same process
+    without ctune_ops shows the warning, so the check cannot pass by the warning going away on its own."""
+    wrap = ("from transformers import LlamaConfig, LlamaForCausalLM; from peft import LoraConfig, get_peft_model; "
+            "get_peft_model(LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, "
+            "num_attention_heads=2, intermediate_size=32)), LoraConfig(target_modules=['q_proj']))")
+    message = "is_gradient_checkpointing` is deprecated"
+
+    def stderr(code: str) -> str:
+        run = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True,
+                             timeout=300)
+        assert run.returncode == 0, run.stderr
+        return run.stderr
+
+    assert message in stderr(wrap)
+    assert message not in stderr("import ctune_ops; " + wrap)
