@@ -196,13 +196,17 @@ def prepare_base(root: Path, days: int, small: bool, progress: PROGRESS) -> tupl
     return ws.reload(), dates
 
 
+def arm_workspace(base: Workspace, arm: str, root: Path) -> Workspace:
+    """A fresh copy of the base workspace at ``root`` with the arm's parameters (nothing run on it yet)."""
+    shutil.rmtree(root, ignore_errors=True)
+    shutil.copytree(base.root, root, symlinks=True, ignore=shutil.ignore_patterns(".airflow"))
+    return set_params(Workspace.open(root), ARMS[arm])
+
+
 def run_arm(base: Workspace, arm: str, dates: list[str], arms_dir: Path, ctune_counts: dict[str, int],
             progress: PROGRESS) -> list[dict[str, Any]]:
     """A copy of the base workspace with the arm's parameters, every day through the pipeline."""
-    root = arms_dir / arm
-    shutil.rmtree(root, ignore_errors=True)
-    shutil.copytree(base.root, root, symlinks=True, ignore=shutil.ignore_patterns(".airflow"))
-    ws = set_params(Workspace.open(root), ARMS[arm])
+    ws = arm_workspace(base, arm, arms_dir / arm)
     rows = []
     for date in dates:
         if arm == "random":

@@ -53,3 +53,31 @@ def test_dag_parse_benchmark_small(tmp_path: Path) -> None:
                          "ctune_incoming.py", "ctune_rollback.py"]
         assert set(result[measure]["ctune_ms_beyond_same_shape"]) == {"ctune_daily.py", "ctune_incoming.py"}
         assert all(row["median_ms"] > 0 for row in result[measure]["rows"])
+
+
+def test_oracle_selection_benchmark_small(small_world, tmp_path: Path) -> None:  # noqa: ANN001
+    """The oracle trains exactly the rows it names that the policy judged known: paraphrases (by the truth file)
+    of facts the deployed model answered wrong, each then selected in the day's decisions like any other row."""
+    import pyarrow.parquet as pq
+
+    from ctune_ops.workspace import Workspace
+    from ctune_ops.world.selection_truth import day_truth
+    from tests.conftest import set_params
+    from tests.test_proxy_stage import SMALL_TRAIN
+
+    root = tmp_path / "base"
+    shutil.copytree(small_world.root, root, symlinks=True)
+    set_params(Workspace.open(root), SMALL_TRAIN)
+    printed = _run("oracle_selection.py", "--workspace", str(root), "--oracles", "wrong")
+    result = json.loads((root / "reports" / "experiment" / "oracles.json").read_text())
+    assert "| oracle | rows turned |" in printed and [o["oracle"] for o in result["oracles"]] == ["wrong"]
+    wrong = result["oracles"][0]
+    arm = Workspace.open(tmp_path / "base-oracles" / "wrong")
+    assert [d["date"] for d in wrong["days"]] == result["days"] and wrong["turned"] > 0
+    for day in wrong["days"]:
+        truth = day_truth(arm, day["date"])
+        decisions = pq.read_table(arm.reports(day["date"]) / "decisions.parquet").to_pydict()
+        decided = dict(zip(decisions["id"], decisions["decision"], strict=True))
+        assert len(day["turned"]) <= day["oracle_rows"]
+        assert all(truth[i]["kind"] in ("known", "earlier") and decided[i] == "selected" for i in day["turned"])
+    assert wrong["train_tokens"] == sum(d["tokens"]["train"] for d in wrong["days"])
