@@ -130,24 +130,31 @@ def run_oracle(base: Workspace, dates: list[str], oracle: str, root: Path) -> di
 
 
 def all_arm(root: Path) -> dict[str, Any] | None:
-    """The ``all`` arm's totals from the experiment run on this base, if it was run."""
+    """The ``all`` arm of the experiment run on this base, as :func:`run_oracle` reports an oracle; None if it was
+    not run."""
     path = root / "reports" / "experiment" / "results.json"
     if not path.exists():
         return None
-    return json.loads(path.read_text(encoding="utf-8"))["arms"].get("all")
+    results = json.loads(path.read_text(encoding="utf-8"))
+    days = [r for r in results["rows"] if r["arm"] == "all"]
+    if not days:
+        return None
+    return {"oracle": "(all arm)", "days": days, "train_tokens": results["arms"]["all"]["tokens"]["train"],
+            "turned": "", "final": days[-1]["production"],
+            "kept_days": [d["date"] for d in days if d["decision"] != "promote"],
+            "repaired_days": [d["date"] for d in days if d["repaired"]]}
 
 
 def table(results: list[dict[str, Any]], every: dict[str, Any] | None) -> str:
+    """One line per oracle (and the all arm): the final scores, and the target's mean over the days, which one
+    day's 20 new items sway less."""
     lines = ["| oracle | rows turned | training tokens | share of all's | final ctune_retention | final ctune_target "
-             "| kept days | repaired days |", "|---|---|---|---|---|---|---|---|"]
-    rows = [*results]
-    if every is not None:
-        rows.append({"oracle": "(all arm)", "turned": "", "train_tokens": every["tokens"]["train"],
-                     "final": every["final"], "kept_days": [], "repaired_days": []})
-    for r in rows:
-        share = f"{r['train_tokens'] / every['tokens']['train']:.3f}" if every else ""
+             "| ctune_target, mean of the days | kept days | repaired days |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in [*results, *([every] if every else [])]:
+        share = f"{r['train_tokens'] / every['train_tokens']:.3f}" if every else ""
+        mean = sum(d["production"]["ctune_target"] for d in r["days"]) / len(r["days"])
         lines.append(f"| {r['oracle']} | {r['turned']} | {r['train_tokens']:,} | {share} | "
-                     f"{r['final']['ctune_retention']:.3f} | {r['final']['ctune_target']:.3f} | "
+                     f"{r['final']['ctune_retention']:.3f} | {r['final']['ctune_target']:.3f} | {mean:.3f} | "
                      f"{len(r['kept_days'])} | {len(r['repaired_days'])} |")
     return "\n".join(lines)
 
