@@ -45,8 +45,8 @@ from ctune_ops.experiment import (  # noqa: E402
     run_day,
 )
 from ctune_ops.records import read_jsonl  # noqa: E402
-from ctune_ops.registry import DEPLOYED  # noqa: E402
 from ctune_ops.selection.policy import KNOWN, SELECTED  # noqa: E402
+from ctune_ops.stages.evaluate import production_adapter  # noqa: E402
 from ctune_ops.workspace import Workspace  # noqa: E402
 from ctune_ops.world import evalsets  # noqa: E402
 from ctune_ops.world.selection_truth import day_truth  # noqa: E402
@@ -58,8 +58,7 @@ PARAPHRASE_KINDS = ("known", "earlier")  # the truth file's kinds of the rows a 
 def wrong_facts(ws: Workspace, dates: list[str], date: str) -> set[str]:
     """Facts the deployed model answers wrong on at least one item before ``date`` is trained: the retention task,
     and the target task of the day before (the facts introduced up to then)."""
-    deployed = ws.root / DEPLOYED
-    adapter = str(deployed) if (deployed / "adapter_config.json").exists() else None  # none promoted: the base
+    adapter = production_adapter(ws)  # None (none promoted): the base
     tasks = [evalsets.retention_dir(ws.eval_dir) / f"{evalsets.RETENTION_TASK}.yaml"]
     earlier = dates[: dates.index(date)]
     if earlier:

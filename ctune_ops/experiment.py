@@ -367,12 +367,10 @@ def final_target_by_fact_day(ws: Workspace, date: str) -> dict[str, dict[str, in
     """The arm's production model after its last day: its ctune_target items right, by the day each fact came
     (facts never learned on their day against facts lost later; :func:`ctune_ops.world.measure.target_by_fact_day`).
     """
-    from ctune_ops.registry import DEPLOYED
+    from ctune_ops.stages.evaluate import production_adapter
     from ctune_ops.world.measure import target_by_fact_day
 
-    deployed = ws.root / DEPLOYED
-    adapter = str(deployed) if (deployed / "adapter_config.json").exists() else None  # none promoted: the base
-    return target_by_fact_day(ws, adapter, date)
+    return target_by_fact_day(ws, production_adapter(ws), date)  # no adapter (none promoted): the base
 
 
 def run_experiment(root: Path, days: int, small: bool = False, arms: tuple[str, ...] = ARM_ORDER,
