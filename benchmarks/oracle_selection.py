@@ -5,6 +5,7 @@ measured rather than argued.
     .venv/bin/python benchmarks/oracle_selection.py --workspace /tmp/expA                   # 7 days, every oracle
     .venv/bin/python benchmarks/oracle_selection.py --workspace /tmp/expA --oracles wrong   # one of them
     .venv/bin/python benchmarks/oracle_selection.py --workspace DIR --small                 # 2 days, small world (CI)
+    .venv/bin/python benchmarks/oracle_selection.py --workspace /tmp/expA --params '{"train": {"seed": 1}}'
 
 The workspace is the experiment's base (``ctune experiment --workspace DIR`` makes it; one is bootstrapped where
 none exists). Each oracle trains, instead of dropping them as known, the rows the policy judged known that
@@ -43,6 +44,7 @@ from ctune_ops.experiment import (  # noqa: E402
     final_target_by_fact_day,
     prepare_base,
     run_day,
+    set_params,
 )
 from ctune_ops.records import read_jsonl  # noqa: E402
 from ctune_ops.selection.policy import KNOWN, SELECTED  # noqa: E402
@@ -109,9 +111,13 @@ def trained_instead_of_known(rows: set[str]) -> Iterator[list[str]]:
         yield turned
 
 
-def run_oracle(base: Workspace, dates: list[str], oracle: str, root: Path) -> dict[str, Any]:
-    """The ctune arm from ``base`` with ``oracle``'s rows trained, every day; what each day did and the end."""
+def run_oracle(base: Workspace, dates: list[str], oracle: str, root: Path,
+               params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ctune arm from ``base`` (``params`` merged into its params.yaml) with ``oracle``'s rows trained, every
+    day; what each day did and the end."""
     ws = arm_workspace(base, "ctune", root)
+    if params:
+        ws = set_params(ws, params)
     days = []
     for date in dates:
         rows = oracle_rows(ws, dates, date, oracle)
@@ -165,15 +171,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--days", type=int, default=7)
     parser.add_argument("--small", action="store_true", help="2 days of the small world (CI): a smoke test")
     parser.add_argument("--oracles", nargs="+", choices=ORACLES, default=list(ORACLES))
+    parser.add_argument("--params", type=json.loads, default={},
+                        help='a JSON object merged into every oracle\'s params.yaml, e.g. \'{"train": {"seed": 1}, '
+                             '"select": {"seed": 1}}\' (the all arm\'s line is read as the experiment ran it)')
     args = parser.parse_args(argv)
     days = 2 if args.small else args.days
     base, dates = prepare_base(args.workspace, days, args.small, print)
     folder = args.workspace.parent / f"{args.workspace.name}-oracles"
-    results = [run_oracle(base, dates, oracle, folder / oracle) for oracle in args.oracles]
+    results = [run_oracle(base, dates, oracle, folder / oracle, args.params) for oracle in args.oracles]
     every = all_arm(args.workspace)
     out = args.workspace / "reports" / "experiment" / "oracles.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"days": dates, "small": args.small, "oracles": results}, indent=1) + "\n",
+    out.write_text(json.dumps({"days": dates, "small": args.small, "params": args.params, "oracles": results},
+                              indent=1) + "\n",
                    encoding="utf-8")
     print(table(results, every))
     print(f"written: {out}")
