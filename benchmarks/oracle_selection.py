@@ -38,7 +38,6 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from ctune_ops import lmeval  # noqa: E402
 from ctune_ops.experiment import (  # noqa: E402
     arm_workspace,
     final_target_by_fact_day,
@@ -51,6 +50,7 @@ from ctune_ops.selection.policy import KNOWN, SELECTED  # noqa: E402
 from ctune_ops.stages.evaluate import production_adapter  # noqa: E402
 from ctune_ops.workspace import Workspace  # noqa: E402
 from ctune_ops.world import evalsets  # noqa: E402
+from ctune_ops.world.measure import task_items  # noqa: E402
 from ctune_ops.world.selection_truth import day_truth  # noqa: E402
 
 ORACLES = ("none", "wrong", "earlier", "known")
@@ -67,17 +67,15 @@ def wrong_facts(ws: Workspace, dates: list[str], date: str) -> set[str]:
         tasks.append(evalsets.day_dir(ws.eval_dir, earlier[-1]) / f"{evalsets.TARGET_TASK}.yaml")
     wrong: set[str] = set()
     for task in tasks:
-        items = lmeval.item_scores(ws.model_path(ws.config.models.base), task, ws.config.evaluate.metric,
-                                   peft=adapter, device=ws.config.models.device, cache_dir=ws.root / ".lmeval-cache")
-        wrong |= {doc["fact_id"] for doc, value in items if value < 1}
+        wrong |= {doc["fact_id"] for doc, value in task_items(ws, adapter, task) if value < 1}
     return wrong
 
 
 def oracle_rows(ws: Workspace, dates: list[str], date: str, oracle: str) -> set[str]:
     """Ids of the day's rows the oracle trains should the policy judge them known."""
-    truth = day_truth(ws, date)
     if oracle == "none":
         return set()
+    truth = day_truth(ws, date)
     if oracle in PARAPHRASE_KINDS:
         return {row_id for row_id, t in truth.items() if t["kind"] == oracle}
     wrong = wrong_facts(ws, dates, date)
@@ -127,11 +125,16 @@ def run_oracle(base: Workspace, dates: list[str], oracle: str, root: Path,
         print(f"  {oracle:<8}{date}: {day['decision']:<8}{day['version']:<5} selected {day['selected']:>4} "
               f"({len(turned)} turned), train tokens {day['tokens']['train']:>7}, "
               + ", ".join(f"{t} {v:.3f}" for t, v in sorted(day["production"].items())), flush=True)
-    return {"oracle": oracle, "days": days, "train_tokens": sum(d["tokens"]["train"] for d in days),
-            "turned": sum(len(d["turned"]) for d in days), "final": days[-1]["production"],
-            "kept_days": [d["date"] for d in days if d["decision"] != "promote"],
-            "repaired_days": [d["date"] for d in days if d["repaired"]],
+    return {**summary(oracle, days, sum(len(d["turned"]) for d in days)),
             "final_target_by_fact_day": final_target_by_fact_day(ws, dates[-1])}
+
+
+def summary(name: str, days: list[dict[str, Any]], turned: int | str) -> dict[str, Any]:
+    """What the table shows of an arm, from its days (:func:`ctune_ops.experiment.run_day`'s rows)."""
+    return {"oracle": name, "days": days, "train_tokens": sum(d["tokens"]["train"] for d in days),
+            "turned": turned, "final": days[-1]["production"],
+            "kept_days": [d["date"] for d in days if d["decision"] != "promote"],
+            "repaired_days": [d["date"] for d in days if d["repaired"]]}
 
 
 def all_arm(root: Path) -> dict[str, Any] | None:
@@ -140,14 +143,8 @@ def all_arm(root: Path) -> dict[str, Any] | None:
     path = root / "reports" / "experiment" / "results.json"
     if not path.exists():
         return None
-    results = json.loads(path.read_text(encoding="utf-8"))
-    days = [r for r in results["rows"] if r["arm"] == "all"]
-    if not days:
-        return None
-    return {"oracle": "(all arm)", "days": days, "train_tokens": results["arms"]["all"]["tokens"]["train"],
-            "turned": "", "final": days[-1]["production"],
-            "kept_days": [d["date"] for d in days if d["decision"] != "promote"],
-            "repaired_days": [d["date"] for d in days if d["repaired"]]}
+    days = [r for r in json.loads(path.read_text(encoding="utf-8"))["rows"] if r["arm"] == "all"]
+    return summary("(all arm)", days, "") if days else None
 
 
 def table(results: list[dict[str, Any]], every: dict[str, Any] | None) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from ctune_ops import lmeval
@@ -41,6 +42,13 @@ def evaluate_world_model(
     )
 
 
+def task_items(ws: Workspace, adapter: str | None, task_file: Path) -> list[tuple[dict[str, Any], float]]:
+    """Each item of one world task with the base model plus ``adapter`` scored by the gate's ``evaluate.metric``
+    (lm-eval's per-sample log, so the mean is the gate's score of the task)."""
+    return lmeval.item_scores(ws.model_path(ws.config.models.base), task_file, ws.config.evaluate.metric,
+                              peft=adapter, device=ws.config.models.device, cache_dir=ws.root / ".lmeval-cache")
+
+
 def target_by_fact_day(ws: Workspace, adapter: str | None, date: str) -> dict[str, dict[str, int]]:
     """Day ``date``'s ``ctune_target`` items the base model with ``adapter`` answers right (by the gate's
     ``evaluate.metric``), by the day each item's fact was introduced (``{day: {"right": r, "items": n}}``).
@@ -54,10 +62,7 @@ def target_by_fact_day(ws: Workspace, adapter: str | None, date: str) -> dict[st
     dates = json.loads((ws.world_dir / MANIFEST).read_text(encoding="utf-8"))["dates"]
     introduced = {item["fact_id"]: day for day in dates if day <= date
                   for item in read_jsonl(evalsets.day_dir(ws.eval_dir, day) / f"{evalsets.NEW_TASK}.jsonl")}
-    items = lmeval.item_scores(ws.model_path(ws.config.models.base),
-                               evalsets.day_dir(ws.eval_dir, date) / f"{evalsets.TARGET_TASK}.yaml",
-                               ws.config.evaluate.metric, peft=adapter, device=ws.config.models.device,
-                               cache_dir=ws.root / ".lmeval-cache")
+    items = task_items(ws, adapter, evalsets.day_dir(ws.eval_dir, date) / f"{evalsets.TARGET_TASK}.yaml")
     counts = {day: {"right": 0, "items": 0} for day in sorted(set(introduced.values()))}
     for doc, value in items:
         day = counts[introduced[doc["fact_id"]]]
