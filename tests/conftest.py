@@ -24,6 +24,8 @@ SMALL_DAYS = 3
 
 # the small world: the experiment's small mode uses the same models (ctune_ops.experiment.SMALL_PARAMS)
 SMALL_WORLD = {key: SMALL_PARAMS[key] for key in ("world", "bootstrap")}
+# and the adapter rank its tests were tuned at (each test picks its own target modules)
+SMALL_WORLD["train"] = {"lora": {key: SMALL_PARAMS["train"]["lora"][key] for key in ("rank", "alpha")}}
 
 
 @pytest.fixture(scope="session")
