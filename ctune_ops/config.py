@@ -645,10 +645,10 @@ class AdapterTrainHyperparameters(TrainHyperparameters):
     marked ``rehearse`` (``select.rehearse_known``, ``select.rehearse_trained``), after the main epochs.
     """
 
-    # rank 64 rather than the proxy's 32: the demo world's ctune arm (base retention 0.960) learns its day's facts
-    # from their four rows well enough that fewer days need the repair: 0.333 and 0.347 of all's training tokens
-    # at two seeds instead of 0.387 at rank 32 (0.437 at rank 8), its accuracy gaps to all no wider (RESULTS.md)
-    lora: LoraSettings = LoraSettings(rank=64, alpha=128.0)
+    # rank 128 rather than the proxy's 32: the demo world's ctune arm (base retention 0.960) learns its day's facts
+    # from their four rows well enough that no day needs the repair: 0.314 of all's training tokens against 0.333
+    # at rank 64, 0.387 at rank 32 and 0.437 at rank 8, its accuracy gaps to all the narrowest (RESULTS.md)
+    lora: LoraSettings = LoraSettings(rank=128, alpha=256.0)
     replay_loss: Literal["labels", "distill"] = "labels"
     rehearsal: RehearsalSettings = RehearsalSettings()
     distill_top_k: int = Field(default=64, ge=1, description="production's most likely tokens kept per position")
