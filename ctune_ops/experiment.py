@@ -174,7 +174,7 @@ SMALL_PARAMS: dict[str, Any] = {  # the test suite's small world: a 3x smaller b
                  "learning_rate": 0.004, "tie_embeddings": True},
         "proxy": {"hidden_size": 64, "num_layers": 2, "intermediate_size": 176, "epochs": 5},
     },
-    # the rank the small base was tuned at (the demo's default, 64, is for its 3x larger base)
+    # the rank the small base was tuned at (the demo's default, train.lora in params.yaml, is for its 3x larger base)
     "train": {"lora": {"rank": SMALL_LORA_RANK, "alpha": 2.0 * SMALL_LORA_RANK,
                        "target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"]}},
 }
