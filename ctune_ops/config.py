@@ -243,8 +243,8 @@ class BootstrapConfig(_Strict):
     seed: int = 0
     threads: int = Field(default=0, ge=0, description="torch threads; 0 = all cores")
     base: TinyModelConfig = TinyModelConfig(
-        hidden_size=256, num_layers=5, num_heads=4, intermediate_size=704,
-        epochs=5, learning_rate=2e-3, batch_size=16,
+        hidden_size=384, num_layers=5, num_heads=6, intermediate_size=1056,
+        epochs=8, learning_rate=1e-3, batch_size=16,
     )
     proxy: TinyModelConfig = TinyModelConfig(
         hidden_size=128, num_layers=4, num_heads=4, intermediate_size=352,
