@@ -167,14 +167,14 @@ def run_day(ws: Workspace, arm: str, date: str) -> dict[str, Any]:
 
 
 SMALL_LORA_RANK = 32
-SMALL_PARAMS: dict[str, Any] = {  # the test suite's small world: a 3x smaller base, LoRA on four projections
+SMALL_PARAMS: dict[str, Any] = {  # the test suite's small world: a base a third as wide, LoRA on four projections
     "world": {"rows_per_day": 100},
     "bootstrap": {
-        "base": {"hidden_size": 128, "num_layers": 4, "intermediate_size": 352, "epochs": 4,
+        "base": {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "intermediate_size": 352, "epochs": 4,
                  "learning_rate": 0.004, "tie_embeddings": True},
         "proxy": {"hidden_size": 64, "num_layers": 2, "intermediate_size": 176, "epochs": 5},
     },
-    # the rank the small base was tuned at (the demo's default, train.lora in params.yaml, is for its 3x larger base)
+    # the rank the small base was tuned at (the demo's default, train.lora in params.yaml, is for its 3x wider base)
     "train": {"lora": {"rank": SMALL_LORA_RANK, "alpha": 2.0 * SMALL_LORA_RANK,
                        "target_modules": ["q_proj", "v_proj", "up_proj", "down_proj"]}},
 }
